@@ -1,0 +1,88 @@
+"""Pixel shards: images stored many to a file, keyed by pseudonymous image id.
+
+A shard is an uncompressed ``.npz`` archive (``shard-00000.npz``, ``shard-00001.npz``, …). Each
+member is one image array named by its image id; arrays keep their own shape and dtype, so raw
+radiographs of different sizes and resized float16 images use the same format. Loading is lazy:
+``read_shard`` returns a mapping that decodes an image only when it is accessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+SHARD_PATTERN = "shard-{index:05d}.npz"
+
+
+class ShardWriter:
+    """Writes images into consecutive shards of at most ``shard_size`` images.
+
+    Args:
+        directory: where the shards go; created if missing, emptied of old shards.
+        shard_size: images per shard.
+    """
+
+    def __init__(self, directory: Path, shard_size: int = 256) -> None:
+        self.directory = Path(directory)
+        self.shard_size = shard_size
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for old in self.directory.glob("shard-*.npz"):
+            old.unlink()
+        self._pending: dict[str, np.ndarray] = {}
+        self._index = 0
+        self.locations: dict[str, str] = {}
+
+    def add(self, image_id: str, pixels: np.ndarray) -> str:
+        """Queue one image; returns the shard file name it will be written to."""
+        name = SHARD_PATTERN.format(index=self._index)
+        self._pending[image_id] = pixels
+        self.locations[image_id] = name
+        if len(self._pending) >= self.shard_size:
+            self.flush()
+        return name
+
+    def flush(self) -> None:
+        """Write the queued images as one shard."""
+        if not self._pending:
+            return
+        path = self.directory / SHARD_PATTERN.format(index=self._index)
+        with path.open("wb") as handle:
+            np.savez(handle, **self._pending)  # type: ignore[arg-type]
+        self._pending = {}
+        self._index += 1
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_shard(path: Path) -> np.lib.npyio.NpzFile:
+    """Open one shard; images are read when accessed by id (``shard[image_id]``)."""
+    return np.load(path, allow_pickle=False)
+
+
+def shard_paths(directory: Path) -> list[Path]:
+    """The shards of a directory, in order."""
+    return sorted(Path(directory).glob("shard-*.npz"))
+
+
+def iter_images(directory: Path, image_ids: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(image_id, pixels)`` for every image in a directory's shards, shard by shard.
+
+    Args:
+        directory: a shard directory.
+        image_ids: only these ids, when given.
+    """
+    wanted = set(image_ids) if image_ids is not None else None
+    for path in shard_paths(directory):
+        with read_shard(path) as shard:
+            for image_id in shard.files:
+                if wanted is None or image_id in wanted:
+                    yield image_id, shard[image_id]

@@ -1,0 +1,76 @@
+"""Object storage: every data read and write of osteo goes through the S3 API.
+
+Clients are made per role of the access matrix, so a stage can only do what its service
+identity is allowed to do, and the server enforces it (controls 4.10 and 4.11). Endpoint, keys
+and TLS verification come from ``osteo.config.storage_settings``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+import s3fs
+from botocore.config import Config
+
+from osteo.config import StorageSettings, storage_settings
+
+_CLIENT_CONFIG = Config(
+    signature_version="s3v4",
+    s3={"addressing_style": "path"},
+    retries={"max_attempts": 3, "mode": "standard"},
+)
+
+
+def s3_client(role: str, settings: StorageSettings | None = None) -> Any:
+    """Return a boto3 S3 client acting as ``role``.
+
+    Args:
+        role: a role of the access matrix, e.g. ``svc_prepare``.
+        settings: storage settings; read from the environment when omitted.
+
+    Raises:
+        ConfigError: when the endpoint or the role's keys are not configured.
+    """
+    settings = settings or storage_settings()
+    keys = settings.credentials(role)
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        aws_access_key_id=keys.access_key,
+        aws_secret_access_key=keys.secret_key,
+        verify=settings.ca_bundle if settings.ca_bundle else True,
+        config=_CLIENT_CONFIG,
+    )
+
+
+def s3_filesystem(role: str, settings: StorageSettings | None = None) -> s3fs.S3FileSystem:
+    """Return an fsspec filesystem over S3 acting as ``role`` (for pandas and pyarrow)."""
+    settings = settings or storage_settings()
+    keys = settings.credentials(role)
+    client_kwargs: dict[str, Any] = {
+        "endpoint_url": settings.endpoint_url,
+        "region_name": settings.region,
+    }
+    if settings.ca_bundle:
+        client_kwargs["verify"] = settings.ca_bundle
+    return s3fs.S3FileSystem(
+        key=keys.access_key, secret=keys.secret_key, client_kwargs=client_kwargs,
+        config_kwargs={"s3": {"addressing_style": "path"}}, skip_instance_cache=True,
+    )
+
+
+def dvc_remote_settings(role: str, settings: StorageSettings | None = None) -> dict[str, str]:
+    """Settings for a DVC S3 remote acting as ``role`` (written to ``.dvc/config.local``)."""
+    settings = settings or storage_settings()
+    keys = settings.credentials(role)
+    remote = {
+        "endpointurl": settings.endpoint_url,
+        "region": settings.region,
+        "access_key_id": keys.access_key,
+        "secret_access_key": keys.secret_key,
+    }
+    if settings.ca_bundle:
+        remote["ssl_verify"] = settings.ca_bundle
+    return remote
