@@ -59,3 +59,72 @@ def seaweed_identities(
             "actions": sorted(actions),
         })
     return {"identities": identities}
+
+
+# S3 IAM actions granted by each permission of the matrix (MinIO and AWS policy documents).
+S3_ACTIONS = {
+    "read": ["s3:GetObject"],
+    "list": ["s3:ListBucket", "s3:GetBucketLocation"],
+    "write": ["s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
+              "s3:ListMultipartUploadParts"],
+}
+
+
+def minio_policy(matrix: dict[str, Any], role: str) -> dict[str, Any]:
+    """Build the IAM policy document of one role for MinIO (or AWS S3).
+
+    Args:
+        matrix: the access matrix.
+        role: a role of the matrix.
+
+    Returns:
+        A policy document granting exactly the role's cells and nothing else.
+    """
+    statements = []
+    for store, permissions in matrix["roles"][role].get("access", {}).items():
+        name = matrix["stores"][store]["bucket"]
+        object_actions = [a for p in permissions if p != "list" for a in S3_ACTIONS[p]]
+        if object_actions:
+            statements.append({"Effect": "Allow", "Action": sorted(object_actions),
+                               "Resource": [f"arn:aws:s3:::{name}/*"]})
+        if "list" in permissions:
+            statements.append({"Effect": "Allow", "Action": S3_ACTIONS["list"],
+                               "Resource": [f"arn:aws:s3:::{name}"]})
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def minio_setup_script(matrix: dict[str, Any]) -> str:
+    """A POSIX shell script for the ``mc`` client creating buckets, policies and users.
+
+    Each role's keys are read from ``OSTEO_<ROLE>_ACCESS_KEY`` / ``OSTEO_<ROLE>_SECRET_KEY``.
+    """
+    lines = [
+        "#!/bin/sh",
+        "# Generated from infra/access.yaml by `osteo access render-minio`; do not edit.",
+        "set -eu",
+        'mc alias set osteo "${MINIO_URL:-http://minio:9000}" "$MINIO_ROOT_USER" '
+        '"$MINIO_ROOT_PASSWORD"',
+    ]
+    lines += [f"mc mb --ignore-existing osteo/{s['bucket']}" for s in matrix["stores"].values()]
+    for role in matrix["roles"]:
+        upper = role.upper()
+        lines += [
+            f"mc admin policy create osteo osteo-{role} /osteo/policies/{role}.json",
+            f'mc admin user add osteo "$OSTEO_{upper}_ACCESS_KEY" "$OSTEO_{upper}_SECRET_KEY"',
+            f'mc admin policy attach osteo osteo-{role} --user "$OSTEO_{upper}_ACCESS_KEY"',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(matrix: dict[str, Any]) -> str:
+    """The access matrix as a Markdown table: one row per role, one column per store."""
+    stores = list(matrix["stores"])
+    header = "| role | " + " | ".join(stores) + " |"
+    rule = "|---|" + "---|" * len(stores)
+    rows = [
+        f"| {role} | " + " | ".join(
+            ", ".join(spec.get("access", {}).get(store, [])) or "—" for store in stores
+        ) + " |"
+        for role, spec in matrix["roles"].items()
+    ]
+    return "\n".join([header, rule, *rows])

@@ -65,7 +65,10 @@ class StorageSettings:
             ConfigError: when no keys are configured for the role.
         """
         prefix = f"OSTEO_{role.upper()}_"
-        access, secret = os.environ.get(prefix + "ACCESS_KEY"), os.environ.get(prefix + "SECRET_KEY")
+        access, secret = (
+            os.environ.get(prefix + "ACCESS_KEY"),
+            os.environ.get(prefix + "SECRET_KEY"),
+        )
         if access and secret:
             return Credentials(access, secret)
         if self.credentials_file and self.credentials_file.exists():

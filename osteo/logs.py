@@ -20,27 +20,34 @@ def configure_logging(level: int = logging.INFO, log_file: Path | None = None) -
         level: console level.
         log_file: detailed log file; defaults to ``$OSTEO_LOG_FILE`` when set.
     """
-    log_file = log_file or (Path(os.environ["OSTEO_LOG_FILE"]) if "OSTEO_LOG_FILE" in os.environ else None)
+    log_file = log_file or (
+        Path(os.environ["OSTEO_LOG_FILE"]) if "OSTEO_LOG_FILE" in os.environ else None
+    )
     handlers: dict[str, dict[str, object]] = {
         "console": {"class": "logging.StreamHandler", "formatter": "terse", "level": level},
     }
     if log_file:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers["file"] = {
-            "class": "logging.handlers.RotatingFileHandler", "filename": str(log_file),
-            "maxBytes": 10_000_000, "backupCount": 5, "formatter": "detailed",
+            "class": "logging.handlers.RotatingFileHandler",
+            "filename": str(log_file),
+            "maxBytes": 10_000_000,
+            "backupCount": 5,
+            "formatter": "detailed",
             "level": logging.DEBUG,
         }
-    logging.config.dictConfig({
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {
-            "terse": {"format": "%(levelname)-7s %(message)s"},
-            "detailed": {"format": "%(asctime)s %(levelname)s %(name)s:%(lineno)d %(message)s"},
-        },
-        "handlers": handlers,
-        "root": {"handlers": list(handlers), "level": logging.DEBUG if log_file else level},
-    })
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {
+                "terse": {"format": "%(levelname)-7s %(message)s"},
+                "detailed": {"format": "%(asctime)s %(levelname)s %(name)s:%(lineno)d %(message)s"},
+            },
+            "handlers": handlers,
+            "root": {"handlers": list(handlers), "level": logging.DEBUG if log_file else level},
+        }
+    )
     # Third-party chatter that says nothing a data engineer can act on.
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "great_expectations", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -73,7 +73,9 @@ def shard_paths(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob("shard-*.npz"))
 
 
-def iter_images(directory: Path, image_ids: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_images(
+    directory: Path, image_ids: Iterable[str] | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(image_id, pixels)`` for every image in a directory's shards, shard by shard.
 
     Args:

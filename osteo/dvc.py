@@ -1,0 +1,116 @@
+"""DVC operations the flows need: remote configuration, commit, push, pull and lineage.
+
+DVC is driven through its command line, exactly as a data engineer or reviewer would drive it,
+so that what the flows record is what ``dvc dag``, ``dvc status -c`` and ``dvc params diff``
+show. The remote is the training store; its endpoint and the keys of the acting role are written
+to ``.dvc/config.local`` (never committed) from the storage settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from osteo.config import bucket
+from osteo.storage import dvc_remote_settings
+
+logger = logging.getLogger(__name__)
+
+REMOTE_NAME = "training"
+
+
+class DvcError(RuntimeError):
+    """A DVC command failed; the message carries DVC's own explanation."""
+
+
+def dvc_executable() -> str:
+    """The ``dvc`` command of the running environment."""
+    beside_python = Path(sys.executable).parent / "dvc"
+    return str(beside_python) if beside_python.exists() else (shutil.which("dvc") or "dvc")
+
+
+def run_dvc(project_dir: Path, *args: str) -> str:
+    """Run one DVC command in ``project_dir`` and return its standard output.
+
+    Raises:
+        DvcError: when the command exits non-zero.
+    """
+    env = os.environ | {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1"}
+    completed = subprocess.run(  # noqa: S603 - fixed executable, arguments from the code
+        [dvc_executable(), *args], cwd=project_dir, env=env, capture_output=True, text=True,
+        check=False,
+    )
+    if completed.returncode != 0:
+        message = (completed.stderr or completed.stdout).strip().splitlines()
+        raise DvcError(f"dvc {' '.join(args)} failed: {' '.join(message[-3:])}")
+    return completed.stdout
+
+
+def init_project(project_dir: Path) -> None:
+    """Make ``project_dir`` a git and DVC repository with analytics off (idempotent)."""
+    if not (project_dir / ".git").exists():
+        subprocess.run(["git", "init", "-q"], cwd=project_dir, check=True)  # noqa: S603,S607
+    if not (project_dir / ".dvc").exists():
+        run_dvc(project_dir, "init", "-q")
+    run_dvc(project_dir, "config", "core.analytics", "false")
+    run_dvc(project_dir, "config", "core.autostage", "false")
+
+
+def configure_remote(project_dir: Path, role: str = "svc_prepare") -> str:
+    """Point the DVC remote at the training store, acting as ``role``.
+
+    The remote's name and URL go to ``.dvc/config``; the endpoint and keys go to
+    ``.dvc/config.local``, which DVC keeps out of git.
+
+    Returns:
+        The remote URL.
+    """
+    url = f"s3://{bucket('training')}/dvc"
+    config = project_dir / ".dvc" / "config"
+    text = config.read_text() if config.exists() else ""
+    if f'remote "{REMOTE_NAME}"' not in text:
+        run_dvc(project_dir, "remote", "add", "--default", REMOTE_NAME, url)
+    run_dvc(project_dir, "remote", "modify", "--local", REMOTE_NAME, "url", url)
+    for key, value in dvc_remote_settings(role).items():
+        run_dvc(project_dir, "remote", "modify", "--local", REMOTE_NAME, key, value)
+    return url
+
+
+def commit(project_dir: Path) -> None:
+    """Record the current outputs, dependencies and params of every stage in ``dvc.lock``."""
+    run_dvc(project_dir, "commit", "--force", "--quiet")
+
+
+def push(project_dir: Path) -> str:
+    """Push every cached output to the training store; returns DVC's report."""
+    return run_dvc(project_dir, "push", "--remote", REMOTE_NAME).strip()
+
+
+def pull(project_dir: Path) -> str:
+    """Fetch and check out every cached output from the training store."""
+    return run_dvc(project_dir, "pull", "--remote", REMOTE_NAME).strip()
+
+
+def lock(project_dir: Path) -> dict[str, Any]:
+    """The parsed ``dvc.lock`` of a project, or an empty lock when nothing was recorded."""
+    path = project_dir / "dvc.lock"
+    if not path.exists():
+        return {"stages": {}}
+    with path.open() as handle:
+        document: dict[str, Any] = yaml.safe_load(handle) or {"stages": {}}
+    return document
+
+
+def output_hash(project_dir: Path, stage: str, path: str) -> str | None:
+    """The content hash DVC recorded for one output of a stage (the dataset version)."""
+    for out in lock(project_dir)["stages"].get(stage, {}).get("outs", []):
+        if out["path"] == path:
+            return str(out.get("md5") or out.get("hash") or "") or None
+    return None
