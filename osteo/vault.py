@@ -1,0 +1,423 @@
+"""Identity vault: the one place where a pseudonym can be traced back to a patient.
+
+Control 4.15 (pseudonymise data coming from the historical patient) asks that names be replaced
+by random IDs and that the correspondence be kept in a dedicated database. That database is
+the ``identity_vault`` store, which only the ``svc_pseudonymise`` service identity (and the
+administrator) may reach; on top of the store's access rules, every object is encrypted on the
+client, so the store operator sees neither names nor references:
+
+* one object per patient, ``patients/<HMAC-SHA256(index key, patient_ref)>``, holding the
+  pseudonym, patient_ref, first name, last name, birth date and creation time;
+* one object per image, ``images/<HMAC-SHA256(index key, image sha256)>``, holding the image id.
+
+Object keys are keyed hashes, so looking a patient up needs no plaintext listing and a listing
+reveals nothing. Bodies are AES-256-GCM with the object key as associated data, so a body copied
+under another key fails to decrypt. Pseudonyms are created with a conditional write
+(``If-None-Match: *``): when two runs race for the same patient, the second one reads back the
+first one's pseudonym instead of overwriting it.
+
+The two 32-byte keys (data key and index key) live outside the stores, in a JSON key file named
+by ``OSTEO_VAULT_KEY_FILE`` (default ``.osteo/vault.key`` under the project directory). It is
+created with mode 0600 when missing, and the vault refuses to open it when other users may read
+it. Losing the key file loses the correspondence: back it up like any other secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from osteo.config import ConfigError, bucket
+from osteo.storage import s3_client
+
+logger = logging.getLogger(__name__)
+
+KEY_FILE_ENV = "OSTEO_VAULT_KEY_FILE"
+DEFAULT_KEY_FILE = Path(".osteo") / "vault.key"
+VAULT_ROLE = "svc_pseudonymise"
+KEY_BYTES = 32
+PATIENT_PREFIX = "patients/"
+IMAGE_PREFIX = "images/"
+
+# Body layout: format tag, 12-byte GCM nonce, ciphertext with its 16-byte tag.
+_BODY_TAG = b"OSV1"
+_NONCE_BYTES = 12
+_WORKERS = 8
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+
+
+class VaultError(RuntimeError):
+    """The identity vault cannot be read or written; the message names the object key only."""
+
+
+@dataclass(frozen=True, repr=False)
+class VaultKeys:
+    """The vault's secrets: ``data_key`` encrypts bodies, ``index_key`` derives object keys."""
+
+    data_key: bytes
+    index_key: bytes
+
+    def __repr__(self) -> str:
+        return "VaultKeys(<secret>)"
+
+
+@dataclass(frozen=True, repr=False)
+class PatientIdentity:
+    """What identifies one patient; written to the vault only, never printed.
+
+    Attributes:
+        patient_ref: the hospital's patient reference.
+        first_name: first name from the export's patients.csv.
+        last_name: last name from the export's patients.csv.
+        birth_date: birth date from the DICOM header (``YYYYMMDD``), or empty when unknown.
+    """
+
+    patient_ref: str
+    first_name: str
+    last_name: str
+    birth_date: str = ""
+
+    def __repr__(self) -> str:
+        return "PatientIdentity(<identifying>)"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Result of a batch lookup.
+
+    Attributes:
+        ids: pseudonymous id of every requested item (patient_ref or image sha256).
+        created: how many ids were new, i.e. written to the vault by this call.
+    """
+
+    ids: dict[str, str]
+    created: int
+
+
+def new_pseudonym() -> str:
+    """A random patient pseudonym, ``P`` followed by 16 hex digits."""
+    return "P" + secrets.token_hex(8)
+
+
+def new_image_id() -> str:
+    """A random image id, ``I`` followed by 16 hex digits."""
+    return "I" + secrets.token_hex(8)
+
+
+# ---------------------------------------------------------------------------------- key file
+
+
+def key_file_path(project_dir: Path) -> Path:
+    """Where the vault keys are: ``$OSTEO_VAULT_KEY_FILE`` or ``.osteo/vault.key`` of the project.
+
+    Args:
+        project_dir: the project directory (holds params.yaml).
+
+    Returns:
+        The key file path (it may not exist yet).
+    """
+    configured = os.environ.get(KEY_FILE_ENV, "").strip()
+    return Path(configured) if configured else Path(project_dir) / DEFAULT_KEY_FILE
+
+
+# Limitation: there is no key rotation; replacing the key file makes every existing entry
+# unreadable and every pseudonym new. Rotating would mean re-encrypting each entry under new keys.
+def load_or_create_keys(path: Path) -> VaultKeys:
+    """Read the vault keys, creating the key file with fresh random keys when it is missing.
+
+    Args:
+        path: the key file.
+
+    Returns:
+        The data key and the index key.
+
+    Raises:
+        ConfigError: when the file is readable by other users or is not a valid key file.
+    """
+    if not path.exists():
+        _create_key_file(path)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(
+            f"vault key file {path} is accessible to other users (mode {mode:o}); "
+            f"restrict it with: chmod 600 {path}"
+        )
+    try:
+        document = json.loads(path.read_text())
+        keys = VaultKeys(
+            data_key=base64.b64decode(document["data_key"], validate=True),
+            index_key=base64.b64decode(document["index_key"], validate=True),
+        )
+    except (ValueError, KeyError, TypeError, binascii.Error) as error:
+        raise ConfigError(
+            f"vault key file {path} is not valid: expected JSON with base64 'data_key' and "
+            f"'index_key' ({type(error).__name__})"
+        ) from None
+    if len(keys.data_key) != KEY_BYTES or len(keys.index_key) != KEY_BYTES:
+        raise ConfigError(f"vault key file {path} is not valid: keys must be {KEY_BYTES} bytes")
+    return keys
+
+
+def _create_key_file(path: Path) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    document = {
+        "data_key": base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode(),
+        "index_key": base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode(),
+        "created_at": _now(),
+    }
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # another process created it first; use theirs
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(document, handle, indent=2)
+    logger.info("created vault key file %s (mode 600); back it up with the other secrets", path)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------- vault
+
+
+class IdentityVault:
+    """Client-side encrypted correspondence between pseudonyms and identities.
+
+    Args:
+        keys: the vault keys (see ``load_or_create_keys``).
+        client: a boto3 S3 client acting as a role allowed to use the vault bucket.
+        bucket_name: the vault bucket.
+        workers: concurrent S3 requests per batch.
+    """
+
+    def __init__(self, keys: VaultKeys, client: Any, bucket_name: str, workers: int = _WORKERS):
+        self._aead = AESGCM(keys.data_key)
+        self._index_key = keys.index_key
+        self._client = client
+        self.bucket = bucket_name
+        self.workers = workers
+
+    @classmethod
+    def open(cls, project_dir: Path, role: str = VAULT_ROLE) -> IdentityVault:
+        """Open the vault of a project with its key file and the ``identity_vault`` store.
+
+        Args:
+            project_dir: the project directory (for the default key file location).
+            role: the S3 role to act as.
+
+        Returns:
+            The vault, ready for lookups.
+
+        Raises:
+            ConfigError: when the key file or the storage settings are unusable.
+        """
+        keys = load_or_create_keys(key_file_path(project_dir))
+        return cls(keys, s3_client(role), bucket("identity_vault"))
+
+    # ------------------------------------------------------------------ object keys
+
+    def patient_key(self, patient_ref: str) -> str:
+        """Object key of a patient: a keyed hash of the reference, never the reference itself."""
+        return PATIENT_PREFIX + self._index(patient_ref)
+
+    def image_key(self, sha256: str) -> str:
+        """Object key of an image, from the sha256 of its export file."""
+        return IMAGE_PREFIX + self._index(sha256.lower())
+
+    def _index(self, value: str) -> str:
+        return hmac.new(self._index_key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    # ------------------------------------------------------------------ batch lookups
+
+    def resolve(
+        self, patients: Iterable[PatientIdentity] = (), sha256s: Iterable[str] = ()
+    ) -> tuple[Resolution, Resolution]:
+        """Pseudonyms of patients and ids of images, created for newcomers, in one batch.
+
+        Existing entries are read, missing ones are created with fresh random ids; the
+        requests of patients and images share one pool of a few concurrent workers.
+
+        Args:
+            patients: identities, one per patient_ref (later duplicates are ignored).
+            sha256s: sha256 hex digests of export image files.
+
+        Returns:
+            The pseudonym of each patient_ref and the image id of each sha256, each with how
+            many were created by this call.
+
+        Raises:
+            VaultError: when the store refuses a request or an object fails to decrypt.
+        """
+
+        # 1. One object per patient and per image, named by a keyed hash.
+        patient_jobs = self._patient_jobs(patients)
+        image_jobs = {self.image_key(d): (d, {"sha256": d.lower()}) for d in sha256s}
+
+        # 2. One listing per kind tells which objects exist; only those are read.
+        existing = self._list_keys(PATIENT_PREFIX) if patient_jobs else set()
+        existing |= self._list_keys(IMAGE_PREFIX) if image_jobs else set()
+
+        # 3. Reads and conditional creations, concurrently.
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            patient_results = self._submit(pool, patient_jobs, existing, "pseudonym",
+                                           new_pseudonym)
+            image_results = self._submit(pool, image_jobs, existing, "image_id", new_image_id)
+            return _collect(patient_results), _collect(image_results)
+
+    def pseudonymise_patients(self, patients: Iterable[PatientIdentity]) -> Resolution:
+        """Each patient's pseudonym, created for new patients (see ``resolve``).
+
+        Raises:
+            VaultError: when the store refuses a request or an object fails to decrypt.
+        """
+        return self.resolve(patients=patients)[0]
+
+    def image_ids(self, sha256s: Iterable[str]) -> Resolution:
+        """Each image's id, created for new images (see ``resolve``).
+
+        Raises:
+            VaultError: when the store refuses a request or an object fails to decrypt.
+        """
+        return self.resolve(sha256s=sha256s)[1]
+
+    def find_patient(self, patient_ref: str) -> dict[str, str] | None:
+        """Re-identification: the vault entry of a patient, or None when unknown.
+
+        Args:
+            patient_ref: the hospital's patient reference.
+
+        Returns:
+            The decrypted entry (pseudonym, patient_ref, names, birth_date, created_at).
+
+        Raises:
+            VaultError: when the store refuses the request or the object fails to decrypt.
+        """
+        key = self.patient_key(patient_ref)
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as error:
+            if _code(error) in {"NoSuchKey", "404"}:
+                return None
+            raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
+        return self._decrypt(key, body)
+
+    def _patient_jobs(
+        self, patients: Iterable[PatientIdentity]
+    ) -> dict[str, tuple[str, dict[str, str]]]:
+        # Limitation: an existing entry is never rewritten, so a name corrected in a later
+        # export stays as first recorded in the vault (the pseudonym, the part that matters for
+        # the data, is unaffected).
+        jobs: dict[str, tuple[str, dict[str, str]]] = {}
+        for patient in patients:
+            key = self.patient_key(patient.patient_ref)
+            jobs.setdefault(key, (patient.patient_ref, {
+                "patient_ref": patient.patient_ref, "first_name": patient.first_name,
+                "last_name": patient.last_name, "birth_date": patient.birth_date,
+            }))
+        return jobs
+
+    def _submit(
+        self,
+        pool: ThreadPoolExecutor,
+        jobs: dict[str, tuple[str, dict[str, str]]],
+        existing: set[str],
+        id_field: str,
+        new_id: Callable[[], str],
+    ) -> dict[str, Future[tuple[str, bool]]]:
+        """Queue a read for each existing object and a creation for each missing one."""
+        return {
+            item: pool.submit(self._read_id, key, id_field) if key in existing
+            else pool.submit(self._create, key, {id_field: new_id(), **template}, id_field)
+            for key, (item, template) in jobs.items()
+        }
+
+    # ------------------------------------------------------------------ storage
+
+    def _list_keys(self, prefix: str) -> set[str]:
+        keys: set[str] = set()
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                keys.update(item["Key"] for item in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as error:
+            raise VaultError(
+                f"cannot list the identity vault {self.bucket}: {_code(error)}"
+            ) from None
+        return keys
+
+    def _read(self, key: str) -> dict[str, str]:
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (ClientError, BotoCoreError) as error:
+            raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
+        return self._decrypt(key, body)
+
+    def _read_id(self, key: str, id_field: str) -> tuple[str, bool]:
+        return self._read(key)[id_field], False
+
+    def _create(self, key: str, entry: dict[str, str], id_field: str) -> tuple[str, bool]:
+        entry = entry | {"created_at": _now()}
+        try:
+            self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=self._encrypt(key, entry), IfNoneMatch="*"
+            )
+        except ClientError as error:
+            if _code(error) in _CONFLICT_CODES:
+                return self._read_id(key, id_field)
+            raise VaultError(f"cannot write vault object {key}: {_code(error)}") from None
+        except BotoCoreError as error:
+            raise VaultError(f"cannot write vault object {key}: {_code(error)}") from None
+        return entry[id_field], True
+
+    # ------------------------------------------------------------------ encryption
+
+    def _encrypt(self, key: str, entry: dict[str, str]) -> bytes:
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        plaintext = json.dumps(entry, ensure_ascii=False).encode("utf-8")
+        return _BODY_TAG + nonce + self._aead.encrypt(nonce, plaintext, key.encode())
+
+    def _decrypt(self, key: str, body: bytes) -> dict[str, str]:
+        if not body.startswith(_BODY_TAG):
+            raise VaultError(f"vault object {key} is not in the vault's format")
+        nonce = body[len(_BODY_TAG):len(_BODY_TAG) + _NONCE_BYTES]
+        ciphertext = body[len(_BODY_TAG) + _NONCE_BYTES:]
+        try:
+            plaintext = self._aead.decrypt(nonce, ciphertext, key.encode())
+        except InvalidTag:
+            raise VaultError(
+                f"vault object {key} failed authentication: wrong vault key file, or the object "
+                "was altered or moved"
+            ) from None
+        entry: dict[str, str] = json.loads(plaintext)
+        return entry
+
+
+def _collect(futures: dict[str, Future[tuple[str, bool]]]) -> Resolution:
+    results = {item: future.result() for item, future in futures.items()}
+    created = sum(1 for _, was_created in results.values() if was_created)
+    return Resolution({item: value for item, (value, _) in results.items()}, created)
+
+
+def _code(error: Exception) -> str:
+    if isinstance(error, ClientError):
+        return str(error.response.get("Error", {}).get("Code", "error"))
+    return type(error).__name__

@@ -1,0 +1,1 @@
+"""Pipeline stages of osteo, one module per domain step, each exposing a Prefect task."""

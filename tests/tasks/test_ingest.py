@@ -1,0 +1,486 @@
+"""Ingest: export checks, accredited readers' consensus, and one quarantine reason per bad input.
+
+Row numbers follow the spreadsheet convention: the header is row 1, so the default export's
+patients are rows 2-4 and its nine annotations rows 2-10.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from osteo.config import load_params
+from osteo.layout import Layout
+from osteo.summary import StageSummary
+from tasks.ingest import ExportError, consensus, ingest
+from tests.exports import (
+    Annotation,
+    Export,
+    ImageSpec,
+    Patient,
+    default_annotations,
+    default_images,
+    default_patients,
+    make_dicom,
+    write_csv,
+    write_export,
+)
+
+
+@dataclass
+class Ingested:
+    """What one ingest run left behind."""
+
+    summary: StageSummary
+    records: pd.DataFrame
+    quarantine: pd.DataFrame
+
+    def record(self, image: str) -> pd.Series:
+        return self.records.set_index("image").loc[image]
+
+    def rejected(self, reason: str) -> pd.DataFrame:
+        return self.quarantine[self.quarantine["reason"] == reason]
+
+
+def make_export(
+    project_dir: Path,
+    patients: list[Patient] | None = None,
+    images: list[ImageSpec] | None = None,
+    annotations: list[Annotation] | None = None,
+) -> Export:
+    return write_export(project_dir / "export", patients, images, annotations)
+
+
+def run_ingest(project_dir: Path) -> Ingested:
+    params = load_params(project_dir)
+    params["export"]["path"] = "export"
+    layout = Layout(project_dir)
+    summary = ingest.fn(layout, params)
+    records = pd.read_parquet(layout.ingested_records)
+    quarantine = pd.read_csv(layout.quarantine("ingest"), dtype={"row": "Int64"},
+                             keep_default_na=False)
+    return Ingested(summary, records, quarantine)
+
+
+def single(rows: pd.DataFrame) -> pd.Series:
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+# ---------------------------------------------------------------------------------- good export
+
+
+def test_tiny_export_is_accepted_with_consensus_labels(project_dir: Path) -> None:
+    make_export(project_dir)
+
+    result = run_ingest(project_dir)
+
+    assert result.summary.accepted == result.summary.records_in == 5
+    assert result.quarantine.empty
+    labels = result.records.set_index("image")[["label", "n_readers", "reader_agreement"]]
+    assert labels.round(3).to_dict("index") == {
+        "IMG0001.dcm": {"label": "osteoporosis", "n_readers": 2, "reader_agreement": 1.0},
+        "IMG0002.dcm": {"label": "osteoporosis", "n_readers": 2, "reader_agreement": 0.5},
+        "IMG0003.dcm": {"label": "normal", "n_readers": 3, "reader_agreement": 0.667},
+        "IMG0004.png": {"label": "normal", "n_readers": 1, "reader_agreement": 1.0},
+        "IMG0005.dcm": {"label": "osteoporosis", "n_readers": 1, "reader_agreement": 1.0},
+    }
+
+
+def test_tie_between_readers_goes_to_osteoporosis() -> None:
+    assert consensus(["normal", "osteoporosis"]) == ("osteoporosis", 0.5, True)
+    assert consensus(["normal", "normal", "osteoporosis"])[:2] == ("normal", 2 / 3)
+    assert consensus(["normal"]) == ("normal", 1.0, False)
+
+
+def test_reader_disagreements_are_reported_in_the_summary(project_dir: Path) -> None:
+    make_export(project_dir)
+
+    readers = run_ingest(project_dir).summary.extra["readers"]
+
+    assert readers["images_with_several_readers"] == 3
+    assert readers["images_with_disagreement"] == 2
+    assert readers["disagreement_rate"] == pytest.approx(2 / 3, abs=1e-4)
+    assert readers["ties"] == 1
+    assert readers["agreement_with_consensus"]["RAD01"] == {"images": 3, "agreement": 0.6667}
+    assert readers["agreement_with_consensus"]["RAD02"] == {"images": 3, "agreement": 1.0}
+
+
+def test_records_keep_patient_values_and_dicom_birth_date(project_dir: Path) -> None:
+    export = make_export(project_dir)
+
+    record = run_ingest(project_dir).record("IMG0003.dcm")
+
+    patient = export.patients[1]
+    assert (record["first_name"], record["last_name"]) == ('Seán "Jack"', "O'Brien, Jr.")
+    assert (record["patient_ref"], record["sex"], record["age"], record["bmi"]) == (
+        patient.patient_ref, "M", 64.0, 27.3
+    )
+    assert record["birth_date"] == patient.birth_date
+    assert record["sha256"] == hashlib.sha256(
+        (export.images_dir / "IMG0003.dcm").read_bytes()
+    ).hexdigest()
+
+
+def test_manifest_lists_every_export_file_with_its_sha256(project_dir: Path) -> None:
+    export = make_export(project_dir)
+    (export.directory / "README.txt").write_text("export of 2023-03\n")
+
+    run_ingest(project_dir)
+
+    manifest = pd.read_csv(Layout(project_dir).manifest).set_index("file")
+    files = sorted(p for p in export.directory.rglob("*") if p.is_file())
+    assert sorted(manifest.index) == sorted(p.relative_to(export.directory).as_posix()
+                                            for p in files)
+    for path in files:
+        row = manifest.loc[path.relative_to(export.directory).as_posix()]
+        assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert row["bytes"] == path.stat().st_size
+
+
+def test_records_in_counts_images_orphan_annotation_names_and_orphan_patients(
+    project_dir: Path,
+) -> None:
+    patients = default_patients() + [Patient("HOSP-000104", "Nadia", "Benali")]
+    annotations = default_annotations() + [
+        Annotation("IMG0099.dcm", "HOSP-000101", "RAD01"),
+        Annotation("IMG0099.dcm", "HOSP-000101", "RAD02"),
+    ]
+    export = make_export(project_dir, patients, annotations=annotations)
+    (export.images_dir / "notes.txt").write_text("not an image")
+
+    summary = run_ingest(project_dir).summary
+
+    assert summary.records_in == 6 + 1 + 1  # image files, missing image name, lonely patient
+    assert summary.accepted == 5
+    assert summary.quarantined == {
+        "not_an_image": 1, "annotation_without_image": 1, "patient_without_image": 1,
+    }
+    assert summary.extra["annotations"] == {
+        "in": 11, "used": 9, "quarantined": {"annotation_without_image": 2},
+    }
+
+
+# ---------------------------------------------------------------------------------- export errors
+
+
+def test_missing_csv_is_an_export_error_naming_the_file(project_dir: Path) -> None:
+    export = make_export(project_dir)
+    export.annotations_csv.unlink()
+
+    with pytest.raises(ExportError) as error:
+        run_ingest(project_dir)
+
+    assert error.value.file.endswith("annotations.csv")
+    assert "annotations.csv" in str(error.value) and "missing" in str(error.value)
+
+
+def test_missing_and_extra_columns_are_one_export_error(project_dir: Path) -> None:
+    export = make_export(project_dir)
+    columns = ["patient_ref", "first_name", "last_name", "age", "sex", "weight"]
+    rows = [{column: p.row().get(column, "61") for column in columns} for p in export.patients]
+    write_csv(export.patients_csv, columns, rows)
+
+    with pytest.raises(ExportError) as error:
+        run_ingest(project_dir)
+
+    message = str(error.value)
+    assert error.value.row == 1
+    assert "patients.csv row 1" in message
+    assert "missing columns: bmi" in message and "unexpected columns: weight" in message
+    assert "HOSP-000101" not in message
+
+
+def test_missing_export_directory_is_an_export_error(project_dir: Path) -> None:
+    with pytest.raises(ExportError, match="export directory not found"):
+        run_ingest(project_dir)
+
+
+# ---------------------------------------------------------------------------------- bad images
+
+
+def test_truncated_dicom_is_quarantined(project_dir: Path) -> None:
+    export = make_export(project_dir)
+    path = export.images_dir / "IMG0002.dcm"
+    path.write_bytes(path.read_bytes()[:-300])
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("truncated_image"))
+    assert rejection["source"] == "images/IMG0002.dcm"
+    assert "Pixel Data holds" in rejection["detail"]
+    assert result.summary.accepted == 4
+
+
+def test_corrupt_png_is_quarantined(project_dir: Path) -> None:
+    export = make_export(project_dir)
+    path = export.images_dir / "IMG0004.png"
+    path.write_bytes(path.read_bytes()[:200])
+
+    result = run_ingest(project_dir)
+
+    assert single(result.rejected("corrupt_image"))["source"] == "images/IMG0004.png"
+    assert result.summary.accepted == 4
+
+
+def test_non_image_file_in_images_is_quarantined(project_dir: Path) -> None:
+    export = make_export(project_dir)
+    (export.images_dir / "Thumbs.db").write_bytes(b"\x00\x01thumbnail cache")
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("not_an_image"))
+    assert rejection["source"] == "images/Thumbs.db"
+    assert result.summary.accepted == 5
+
+
+def test_unreadable_dicom_is_quarantined(project_dir: Path) -> None:
+    export = make_export(project_dir)
+    (export.images_dir / "IMG0005.dcm").write_bytes(b"this is not a DICOM file" * 20)
+
+    result = run_ingest(project_dir)
+
+    assert single(result.rejected("unreadable_dicom"))["source"] == "images/IMG0005.dcm"
+    assert result.summary.accepted == 4
+
+
+def test_dicom_without_pixel_data_is_quarantined(project_dir: Path) -> None:
+    export = make_export(project_dir)
+    make_dicom(export.images_dir / "IMG0005.dcm", "HOSP-000103", with_pixels=False)
+
+    result = run_ingest(project_dir)
+
+    assert single(result.rejected("dicom_without_pixels"))["source"] == "images/IMG0005.dcm"
+    assert result.summary.accepted == 4
+
+
+def test_duplicate_file_keeps_the_first_and_quarantines_the_other(project_dir: Path) -> None:
+    export = make_export(project_dir)
+    shutil.copy(export.images_dir / "IMG0005.dcm", export.images_dir / "IMG0006.dcm")
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("duplicate_file"))
+    assert rejection["source"] == "images/IMG0006.dcm"
+    assert "images/IMG0005.dcm" in rejection["detail"]
+    assert "IMG0005.dcm" in set(result.records["image"])
+
+
+# ---------------------------------------------------------------------------------- bad patients
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [("sex", "X", "unknown_sex"), ("age", "sixty", "age_not_a_number"),
+     ("bmi", "n/a", "bmi_not_a_number")],
+)
+def test_unusable_patient_value_quarantines_the_patients_images(
+    project_dir: Path, column: str, value: str, reason: str
+) -> None:
+    patients = default_patients()
+    setattr(patients[2], column, value)
+    make_export(project_dir, patients)
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected(reason))
+    assert rejection["source"] == "images/IMG0005.dcm"
+    assert f"patients.csv row 4: {column}" in rejection["detail"]
+    assert value not in rejection["detail"]
+    assert result.summary.accepted == 4
+
+
+def test_unknown_sex_is_quarantined(project_dir: Path) -> None:
+    patients = default_patients()
+    patients[0].sex = "unknown"
+    make_export(project_dir, patients)
+
+    result = run_ingest(project_dir)
+
+    assert set(result.rejected("unknown_sex")["source"]) == {
+        "images/IMG0001.dcm", "images/IMG0002.dcm",
+    }
+    assert result.summary.quarantined == {"unknown_sex": 2}
+
+
+def test_patient_without_image_is_quarantined(project_dir: Path) -> None:
+    make_export(project_dir, default_patients() + [Patient("HOSP-000104", "Nadia", "Benali")])
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("patient_without_image"))
+    assert (rejection["source"], rejection["row"]) == ("patients.csv", 5)
+    assert result.summary.records_in == 6 and result.summary.accepted == 5
+
+
+def test_duplicate_patient_ref_row_is_quarantined_and_the_first_kept(project_dir: Path) -> None:
+    duplicate = Patient("HOSP-000103", "Ingrid", "Svensson", "99", "M", "40.0")
+    make_export(project_dir, default_patients() + [duplicate])
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("duplicate_patient_ref"))
+    assert (rejection["source"], rejection["row"]) == ("patients.csv", 5)
+    assert "row 4" in rejection["detail"]
+    assert result.record("IMG0005.dcm")["age"] == 58.0
+
+
+def test_row_with_an_unquoted_comma_is_quarantined_as_malformed(project_dir: Path) -> None:
+    export = make_export(project_dir)
+    with export.patients_csv.open("a", encoding="utf-8") as handle:
+        handle.write("HOSP-000104,Nadia,Benali, Jr.,50,F,21.0\n")
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("malformed_row"))
+    assert (rejection["source"], rejection["row"]) == ("patients.csv", 5)
+    assert result.summary.accepted == 5
+
+
+# ---------------------------------------------------------------------------------- bad annotations
+
+
+def test_image_without_annotation_is_quarantined(project_dir: Path) -> None:
+    make_export(project_dir, images=default_images() + [ImageSpec("IMG0006.dcm", "HOSP-000103",
+                                                                 seed=6)])
+
+    result = run_ingest(project_dir)
+
+    assert single(result.rejected("no_annotation"))["source"] == "images/IMG0006.dcm"
+    assert result.summary.accepted == 5
+
+
+def test_image_without_accredited_annotation_is_quarantined(project_dir: Path) -> None:
+    images = default_images() + [ImageSpec("IMG0006.dcm", "HOSP-000103", seed=6)]
+    annotations = default_annotations() + [Annotation("IMG0006.dcm", "HOSP-000103", "RAD77")]
+    make_export(project_dir, images=images, annotations=annotations)
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("no_accredited_annotation"))
+    assert rejection["source"] == "images/IMG0006.dcm"
+    assert "row 11" in rejection["detail"]
+    assert single(result.rejected("unaccredited_reader"))["row"] == 11
+
+
+def test_unknown_reader_annotation_is_quarantined(project_dir: Path) -> None:
+    annotations = default_annotations() + [
+        Annotation("IMG0005.dcm", "HOSP-000103", "RAD77", "normal", "2023-03-04T08:00:00"),
+    ]
+    make_export(project_dir, annotations=annotations)
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("unaccredited_reader"))
+    assert (rejection["source"], rejection["row"]) == ("annotations.csv", 11)
+    assert "RAD77" not in rejection["detail"]
+    record = result.record("IMG0005.dcm")
+    assert (record["label"], record["n_readers"]) == ("osteoporosis", 1)
+
+
+def test_annotation_without_image_is_quarantined(project_dir: Path) -> None:
+    annotations = default_annotations() + [Annotation("IMG0099.dcm", "HOSP-000103")]
+    make_export(project_dir, annotations=annotations)
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("annotation_without_image"))
+    assert (rejection["source"], rejection["row"]) == ("annotations.csv", 11)
+    assert "IMG0099" not in rejection["detail"]
+    assert result.summary.quarantined == {"annotation_without_image": 1}
+    assert result.summary.records_in == 6
+
+
+def test_annotation_with_unknown_label_is_quarantined(project_dir: Path) -> None:
+    annotations = default_annotations()
+    annotations[6].label = "fracture"  # IMG0003, RAD03
+    make_export(project_dir, annotations=annotations)
+
+    result = run_ingest(project_dir)
+
+    assert single(result.rejected("unknown_label"))["row"] == 8
+    record = result.record("IMG0003.dcm")
+    assert (record["label"], record["n_readers"], record["reader_agreement"]) == ("normal", 2, 1.0)
+
+
+def test_annotation_for_unknown_patient_is_quarantined(project_dir: Path) -> None:
+    annotations = default_annotations() + [
+        Annotation("IMG0005.dcm", "HOSP-999999", "RAD01", "normal", "2023-03-04T08:00:00"),
+    ]
+    make_export(project_dir, annotations=annotations)
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("unknown_patient"))
+    assert rejection["row"] == 11
+    assert "HOSP-999999" not in rejection["detail"]
+    assert result.record("IMG0005.dcm")["n_readers"] == 1
+
+
+def test_unparseable_annotated_at_is_quarantined(project_dir: Path) -> None:
+    annotations = default_annotations()
+    annotations[0].annotated_at = "yesterday morning"
+    make_export(project_dir, annotations=annotations)
+
+    result = run_ingest(project_dir)
+
+    assert single(result.rejected("unparseable_annotated_at"))["row"] == 2
+    assert result.record("IMG0001.dcm")["n_readers"] == 1
+
+
+def test_annotations_naming_two_patients_quarantine_the_image(project_dir: Path) -> None:
+    annotations = default_annotations()
+    annotations[1].patient_ref = "HOSP-000103"  # IMG0001, RAD02 names another patient
+    make_export(project_dir, annotations=annotations)
+
+    result = run_ingest(project_dir)
+
+    assert single(result.rejected("conflicting_patient_ref"))["source"] == "images/IMG0001.dcm"
+    assert set(result.rejected("image_rejected")["row"]) == {2, 3}
+
+
+def test_later_annotation_of_the_same_reader_supersedes_the_earlier(project_dir: Path) -> None:
+    annotations = default_annotations() + [
+        Annotation("IMG0002.dcm", "HOSP-000101", "RAD01", "osteoporosis", "2023-04-01T08:00:00"),
+    ]
+    make_export(project_dir, annotations=annotations)
+
+    result = run_ingest(project_dir)
+
+    assert single(result.rejected("superseded_annotation"))["row"] == 4
+    record = result.record("IMG0002.dcm")
+    assert (record["label"], record["n_readers"], record["reader_agreement"]) == (
+        "osteoporosis", 2, 1.0
+    )
+
+
+# ---------------------------------------------------------------------------------- privacy
+
+
+def test_quarantine_report_and_logs_hold_no_identifying_value(
+    project_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    patients = default_patients() + [Patient("HOSP-000104", "Nadia", "Benali", sex="Nadia")]
+    patients[2].age = "HOSP-000103"
+    annotations = default_annotations() + [
+        Annotation("IMG0005.dcm", "HOSP-GHOST-01", "RAD01"),
+        Annotation("HOSP-000101.dcm", "HOSP-000101", "RAD02"),
+        Annotation("IMG0004.png", "HOSP-000102", "Benali", "normal"),
+    ]
+    export = make_export(project_dir, patients, annotations=annotations)
+    caplog.set_level(logging.DEBUG)
+
+    result = run_ingest(project_dir)
+
+    assert result.summary.quarantined_total >= 3
+    values = export.identifying_values() | {"HOSP-GHOST-01", "Nadia", "Benali"}
+    written = [p for d in ("data", "reports") for p in (project_dir / d).rglob("*") if p.is_file()]
+    texts = {str(p): p.read_text(encoding="utf-8") for p in written} | {"log": caplog.text}
+    leaks = {name: [v for v in values if v in text] for name, text in texts.items()}
+    assert written and not {name: found for name, found in leaks.items() if found}
