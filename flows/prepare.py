@@ -23,16 +23,16 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
-from tasks.ingest import ingest
-from tasks.preprocess import preprocess
-from tasks.pseudonymise import pseudonymise
-from tasks.split import split
-from tasks.validate import validate
 
 from osteo import dvc
 from osteo.config import load_params
 from osteo.layout import Layout
 from osteo.summary import AccountingError, StageSummary
+from tasks.ingest import ingest
+from tasks.preprocess import preprocess
+from tasks.pseudonymise import pseudonymise
+from tasks.split import split
+from tasks.validate import validate
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +67,6 @@ class PreparationSummary:
         return sum(self.quarantined.values())
 
 
-def run_stage(name: str, project_dir: Path) -> StageSummary:
-    """Run one stage outside Prefect, as ``dvc repro`` does through ``osteo stage NAME``.
-
-    Raises:
-        KeyError: when ``name`` is not a data stage.
-    """
-    stage = DATA_STAGES[name]
-    summary: StageSummary = stage.fn(Layout(project_dir), load_params(project_dir))
-    return summary
-
-
 def account(stages: list[StageSummary]) -> tuple[int, int, dict[str, int]]:
     """Check that every stage received what the previous one accepted and total the counts.
 
@@ -104,9 +93,10 @@ def account(stages: list[StageSummary]) -> tuple[int, int, dict[str, int]]:
 def version_dataset(project_dir: Path, push: bool) -> tuple[str | None, str]:
     """Record the run in dvc.lock and push the pseudonymised outputs to the training store."""
     remote = dvc.configure_remote(project_dir, role="svc_prepare") if push else ""
-    dvc.commit(project_dir)
+    dvc.commit(project_dir, *DATA_STAGES)
     if push:
-        logger.info("dvc push: %s", dvc.push(project_dir).splitlines()[-1:] or "nothing to push")
+        report = dvc.push(project_dir, *DATA_STAGES).splitlines()
+        logger.info("dvc push: %s", report[-1] if report else "nothing to push")
     return dvc.output_hash(project_dir, "split", "data/split"), remote
 
 

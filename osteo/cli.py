@@ -33,14 +33,19 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean a user mistake: shown as one message, never a traceback."""
-    from tasks.ingest import ExportError
-    from tasks.split import SplitError
-
     from osteo.config import ConfigError
     from osteo.dvc import DvcError
+    from osteo.registry import RegistryError
     from osteo.seaweed import ServerError
+    from osteo.vault import VaultError
+    from tasks.evaluate import EvaluationError
+    from tasks.ingest import ExportError
+    from tasks.preprocess import PreprocessError
+    from tasks.split import SplitError
+    from tasks.validate import ValidateError
 
-    return (ConfigError, DvcError, ServerError, ExportError, SplitError)
+    return (ConfigError, DvcError, ServerError, ExportError, SplitError, VaultError,
+            ValidateError, PreprocessError, EvaluationError, RegistryError)
 
 
 def _fail(error: Exception) -> typer.Exit:
@@ -48,26 +53,47 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+DATA_STAGE_NAMES = ("ingest", "pseudonymise", "validate", "preprocess", "split")
+MODEL_STAGE_NAMES = ("oracle", "train", "evaluate")
+
+
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="ingest, pseudonymise, validate, preprocess or split"),
+    name: str = typer.Argument(..., help="A stage of dvc.yaml, e.g. ingest or train."),
     project_dir: Path = typer.Option(Path("."), "--project-dir", help="DVC project directory."),
 ) -> None:
-    """Run one data stage in the project directory (what dvc.yaml's stages call)."""
-    from flows.prepare import DATA_STAGES, run_stage
+    """Run one stage in the project directory (what dvc.yaml's stages call)."""
+    from osteo.config import load_params
+    from osteo.layout import Layout
     from osteo.runtime import prepare_environment
 
-    if name not in DATA_STAGES:
-        raise _fail(ValueError(f"unknown stage '{name}'; stages: {', '.join(DATA_STAGES)}"))
+    if name not in DATA_STAGE_NAMES + MODEL_STAGE_NAMES:
+        known = ", ".join(DATA_STAGE_NAMES + MODEL_STAGE_NAMES)
+        raise _fail(ValueError(f"unknown stage '{name}'; stages: {known}"))
     prepare_environment()
+    root = project_dir.resolve()
     try:
-        summary = run_stage(name, project_dir.resolve())
+        if name in DATA_STAGE_NAMES:
+            from flows.prepare import DATA_STAGES as stages
+        else:
+            from flows.train import MODEL_STAGES as stages
+        result = stages[name].fn(Layout(root), load_params(root))
     except _user_errors() as error:
         raise _fail(error) from None
-    typer.echo(
-        f"{name}: {summary.records_in} in, {summary.accepted} accepted, "
-        f"{summary.quarantined_total} quarantined"
-    )
+    typer.echo(f"{name}: {_describe(result)}")
+
+
+def _describe(result: Any) -> str:
+    """One line on a stage's result, whatever the stage."""
+    if hasattr(result, "quarantined_total"):
+        return (f"{result.records_in} in, {result.accepted} accepted, "
+                f"{result.quarantined_total} quarantined")
+    if hasattr(result, "accepted") and hasattr(result, "threshold"):
+        decision = "accepted" if result.accepted else "rejected: " + "; ".join(result.reasons)
+        return f"threshold {result.threshold:.3f}, model {decision}"
+    if hasattr(result, "best_metric"):
+        return f"best {result.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}"
+    return str(result)
 
 
 @app.command()
@@ -138,6 +164,108 @@ def _print_preparation(summary: Any) -> None:
     )
 
 
+
+@app.command()
+def train(
+    project_dir: Path = typer.Option(Path("."), "--project-dir", help="DVC project directory."),
+    prepare: bool = typer.Option(
+        True, "--prepare/--no-prepare",
+        help="Prepare the export first, or pull the dataset recorded in dvc.lock.",
+    ),
+    push: bool = typer.Option(True, "--push/--no-push", help="Push data and model with DVC."),
+) -> None:
+    """Train, evaluate and register a model; promote it only if it meets the criteria."""
+    from osteo.runtime import prepare_environment, storage_session
+
+    prepare_environment()
+    root = project_dir.resolve()
+    try:
+        with storage_session(root):
+            summary = _run_training(root, prepare, push)
+    except _user_errors() as error:
+        raise _fail(error) from None
+    if summary.preparation is not None:
+        _print_preparation(summary.preparation)
+    _print_training(summary)
+
+
+@app.command()
+def demo(
+    project_dir: Path = typer.Option(Path("."), "--project-dir", help="DVC project directory."),
+    patients: int = typer.Option(500, "--patients", min=20, help="Patients in the export."),
+    regenerate: bool = typer.Option(False, "--regenerate", help="Write the export anew."),
+    push: bool = typer.Option(True, "--push/--no-push", help="Push data and model with DVC."),
+) -> None:
+    """The whole system on a synthetic clinic: export, data preparation, model, registry.
+
+    Starts the embedded S3 server when OSTEO_S3_ENDPOINT is not set.
+    """
+    from osteo.config import load_params
+    from osteo.runtime import prepare_environment, set_param, storage_session
+    from osteo.synthetic import default_truth_path, generate_from_params
+
+    prepare_environment()
+    root = project_dir.resolve()
+    export = root / "exports" / "demo"
+    try:
+        # 1. The synthetic export (kept between runs unless --regenerate).
+        if regenerate or not (export / "patients.csv").exists():
+            typer.echo(f"generating a synthetic export of {patients} patients in {export}")
+            generate_from_params(load_params(root), export, patients=patients, force=True)
+        set_param(root, "export.path", _relative_to(export, root))
+        set_param(root, "export.truth", _relative_to(default_truth_path(export), root))
+
+        # 2. Data preparation, training, evaluation and registration.
+        with storage_session(root):
+            summary = _run_training(root, True, push)
+    except _user_errors() as error:
+        raise _fail(error) from None
+    _print_preparation(summary.preparation)
+    _print_training(summary)
+
+
+def _run_training(root: Path, prepare: bool, push: bool) -> Any:
+    from flows.train import train_model
+    from osteo import dvc
+
+    dvc.init_project(root)
+    return train_model(str(root), prepare=prepare, push=push)
+
+
+def _print_training(summary: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = summary.evaluation.metrics
+    test = metrics.get("test", {})
+    table = Table(title=f"Model {summary.version}")
+    table.add_column("test metric")
+    table.add_column("value", justify="right")
+    table.add_column("95 % CI", justify="right")
+    for name in ("auc", "recall", "specificity", "precision", "f1", "accuracy"):
+        value = test.get(name)
+        interval = (metrics.get("ci95", {}) or {}).get(name) or {}
+        low, high = interval.get("low"), interval.get("high")
+        table.add_row(name, _fmt(value), f"{_fmt(low)} – {_fmt(high)}" if low is not None else "")
+    console = Console()
+    console.print(table)
+    oracle = metrics.get("oracle", {}) or {}
+    if oracle.get("auc") is not None:
+        console.print(f"oracle AUC (true T-score) {_fmt(oracle.get('auc'))}, "
+                      f"model - oracle {_fmt(oracle.get('auc_gap'))}")
+    decision = "ACCEPTED" if summary.evaluation.accepted else "REJECTED"
+    console.print(f"threshold {summary.evaluation.threshold:.3f}; model {decision}"
+                  + ("" if summary.evaluation.accepted
+                     else ": " + "; ".join(summary.evaluation.reasons)))
+    console.print(f"registry version {summary.version}; champion {summary.champion}; "
+                  f"data version {summary.data_version}; model card reports/model_card.md; "
+                  f"training {summary.training.seconds:.0f} s")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else "—"
+
+
 # ---------------------------------------------------------------- access matrix
 
 access_app = typer.Typer(
@@ -172,3 +300,158 @@ def access_render_minio(
         (out_dir / "policies" / f"{role}.json").write_text(policy)
     (out_dir / "setup.sh").write_text(minio_setup_script(matrix))
     typer.echo(f"wrote {len(matrix['roles'])} policies and setup.sh to {out_dir}")
+
+
+# ---------------------------------------------------------------- audit trail (control 4.16)
+
+audit_app = typer.Typer(
+    help="Audit trail: verify its integrity, and show who accessed what, and when.",
+    no_args_is_help=True,
+)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    log: str = typer.Option("s3", "--log", help="'s3' (the audit store) or an exported log dir."),
+    expect_head: str | None = typer.Option(
+        None, "--expect-head", help="Hash of a record seen before, e.g. the last checkpoint."
+    ),
+    expect_seq: int | None = typer.Option(None, "--expect-seq", help="Its sequence number."),
+    public_key: str | None = typer.Option(
+        None, "--public-key", help="Pinned public key (PEM file); default: the published one."
+    ),
+    role: str = typer.Option("auditor", "--role", help="Role reading the audit store."),
+) -> None:
+    """Check the hash chain, signatures and checkpoints; exit 1 naming the first broken record."""
+    from osteo.audit import AuditError, open_log
+    from osteo.config import ConfigError
+
+    try:
+        pinned = Path(public_key).read_bytes() if public_key else None
+        result = open_log(log, role).verify(expect_head, expect_seq, pinned)
+    except (ConfigError, AuditError, OSError) as error:
+        raise _fail(error) from None
+    key = "pinned key" if result.key_pinned else "published key"
+    if not result.ok:
+        typer.echo(f"audit log BROKEN at record {result.first_broken_seq}: {result.reason} "
+                   f"({result.count} intact records before it; {key})")
+        raise typer.Exit(1)
+    typer.echo(f"audit log intact: {result.count} records, {result.checkpoints} checkpoints, "
+               f"head {result.head_seq} {result.head_hash} ({key})")
+
+
+@audit_app.command("show")
+def audit_show(
+    object_key: str | None = typer.Option(None, "--object", help="Only this object's key."),
+    actor: str | None = typer.Option(None, "--actor", help="Only this actor."),
+    since: str | None = typer.Option(None, "--since", help="ISO date or time (UTC)."),
+    log: str = typer.Option("s3", "--log", help="'s3' (the audit store) or an exported log dir."),
+    role: str = typer.Option("auditor", "--role", help="Role reading the audit store."),
+) -> None:
+    """Who accessed what, and when: the matching records as a table."""
+    from datetime import datetime
+
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    from osteo.audit import AuditError, open_log
+    from osteo.config import ConfigError
+
+    try:
+        start = datetime.fromisoformat(since) if since else None
+        records = open_log(log, role).query(object_key, actor, start)
+    except ValueError:
+        raise _fail(ValueError(f"--since {since} is not an ISO date or time")) from None
+    except (ConfigError, AuditError) as error:
+        raise _fail(error) from None
+    last = "sha256" if object_key else "objects"
+    table = Table(*(Column(h, overflow="fold") for h in
+                    ("seq", "time (UTC)", "actor", "role", "action", "run", last)))
+    for record in records:
+        if object_key:
+            shown = ", ".join((o.sha256 or "-")[:16] for o in record.objects if o.key == object_key)
+        else:
+            keys = [o.key for o in record.objects]
+            shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
+        table.add_row(str(record.seq), record.time, record.actor, record.role, record.action,
+                      record.run_id or "", shown)
+    Console().print(table)
+    typer.echo(f"{len(records)} matching records (run 'osteo audit verify' to check integrity)")
+
+
+app.add_typer(audit_app, name="audit")
+
+
+# ---------------------------------------------------------------- synthetic clinic
+
+
+@app.command()
+def generate(
+    out_dir: Path = typer.Argument(..., help="Export directory to write; must be empty."),
+    patients: int | None = typer.Option(
+        None, "--patients", min=1, help="Number of patients (default: params generate.patients)."
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", min=0, help="Random seed (default: params generate.seed)."
+    ),
+    truth: Path | None = typer.Option(
+        None, "--truth", help="Ground-truth CSV, outside the export (default: OUT_DIR.truth.csv)."
+    ),
+    png_fraction: float | None = typer.Option(
+        None, "--png-fraction", min=0.0, max=1.0,
+        help="Share of images written as 16-bit PNG (default: params generate.png_fraction).",
+    ),
+    params: Path | None = typer.Option(
+        None, "--params", help="Parameters file (default: ./params.yaml, else built-in defaults)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace a previous export in OUT_DIR."),
+) -> None:
+    """Write a synthetic hospital export (patients, radiographs, readings) and its ground truth.
+
+    The same seed gives the same files. The ground truth, for evaluation only, goes outside.
+    """
+    from osteo.config import ConfigError
+    from osteo.synthetic import generate_from_params
+
+    try:
+        summary = generate_from_params(
+            _generation_params(params), out_dir, patients=patients, seed=seed,
+            png_fraction=png_fraction, truth_path=truth, force=force,
+        )
+    except (ConfigError, PermissionError) as error:
+        raise _fail(error) from None
+    typer.echo(
+        f"generated {summary.patients} patients ({summary.patients_by_sex['F']} F, "
+        f"{summary.patients_by_sex['M']} M), {summary.images} images ({summary.dicom_files} "
+        f"DICOM, {summary.png_files} PNG), {summary.annotations} annotations "
+        f"in {summary.seconds:.1f} s"
+    )
+    typer.echo(
+        f"  readings: {summary.adjudications} images adjudicated by a third accredited reader, "
+        f"{summary.unaccredited_annotations} annotations by unaccredited readers"
+    )
+    typer.echo(
+        f"  true osteoporosis prevalence: women {summary.prevalence('F'):.1%}, "
+        f"men {summary.prevalence('M'):.1%}"
+    )
+    typer.echo(f"  export       -> {summary.out_dir}")
+    typer.echo(f"  ground truth -> {summary.truth_path} (evaluation only)")
+
+
+def _generation_params(path: Path | None) -> dict[str, Any]:
+    """The parameters the generator reads: the given file, ./params.yaml, or none (defaults)."""
+    import yaml
+
+    from osteo.config import ConfigError
+
+    if path is None:
+        path = Path("params.yaml")
+        if not path.exists():
+            return {}
+    if not path.is_file():
+        raise _fail(ConfigError(f"parameters file {path} not found"))
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise _fail(ConfigError(f"{path} is not valid YAML: {error}")) from None
+    return loaded if isinstance(loaded, dict) else {}

@@ -42,7 +42,9 @@ def run_dvc(project_dir: Path, *args: str) -> str:
     Raises:
         DvcError: when the command exits non-zero.
     """
-    env = os.environ | {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1"}
+    # Stage commands (`osteo stage ...`) must resolve to this environment's osteo.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = os.environ | {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "PATH": path}
     completed = subprocess.run(  # noqa: S603 - fixed executable, arguments from the code
         [dvc_executable(), *args], cwd=project_dir, env=env, capture_output=True, text=True,
         check=False,
@@ -83,19 +85,19 @@ def configure_remote(project_dir: Path, role: str = "svc_prepare") -> str:
     return url
 
 
-def commit(project_dir: Path) -> None:
-    """Record the current outputs, dependencies and params of every stage in ``dvc.lock``."""
-    run_dvc(project_dir, "commit", "--force", "--quiet")
+def commit(project_dir: Path, *stages: str) -> None:
+    """Record the current outputs, dependencies and params of stages (default: all) in dvc.lock."""
+    run_dvc(project_dir, "commit", "--force", "--quiet", *stages)
 
 
-def push(project_dir: Path) -> str:
-    """Push every cached output to the training store; returns DVC's report."""
-    return run_dvc(project_dir, "push", "--remote", REMOTE_NAME).strip()
+def push(project_dir: Path, *stages: str) -> str:
+    """Push cached outputs (default: all) to their remotes (data: training; model: registry)."""
+    return run_dvc(project_dir, "push", *stages).strip()
 
 
-def pull(project_dir: Path) -> str:
-    """Fetch and check out every cached output from the training store."""
-    return run_dvc(project_dir, "pull", "--remote", REMOTE_NAME).strip()
+def pull(project_dir: Path, *targets: str) -> str:
+    """Fetch and check out cached outputs (all, or the given targets) from their remotes."""
+    return run_dvc(project_dir, "pull", *targets).strip()
 
 
 def lock(project_dir: Path) -> dict[str, Any]:
@@ -114,3 +116,18 @@ def output_hash(project_dir: Path, stage: str, path: str) -> str | None:
         if out["path"] == path:
             return str(out.get("md5") or out.get("hash") or "") or None
     return None
+
+
+MODELS_REMOTE = "models"
+
+
+def configure_models_remote(project_dir: Path, role: str = "svc_train") -> str:
+    """Point the ``models`` remote (model outputs of dvc.yaml) at the registry's bucket."""
+    url = f"s3://{bucket('models')}/dvc"
+    config = project_dir / ".dvc" / "config"
+    if f'remote "{MODELS_REMOTE}"' not in (config.read_text() if config.exists() else ""):
+        run_dvc(project_dir, "remote", "add", MODELS_REMOTE, url)
+    run_dvc(project_dir, "remote", "modify", "--local", MODELS_REMOTE, "url", url)
+    for key, value in dvc_remote_settings(role).items():
+        run_dvc(project_dir, "remote", "modify", "--local", MODELS_REMOTE, key, value)
+    return url

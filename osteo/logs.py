@@ -13,19 +13,24 @@ import warnings
 from pathlib import Path
 
 
-def configure_logging(level: int = logging.INFO, log_file: Path | None = None) -> None:
+def configure_logging(
+    level: int = logging.INFO, log_file: Path | None = None, console: bool = True
+) -> None:
     """Configure the root logger once for the command line.
 
     Args:
         level: console level.
         log_file: detailed log file; defaults to ``$OSTEO_LOG_FILE`` when set.
+        console: also log to standard error.
     """
     log_file = log_file or (
         Path(os.environ["OSTEO_LOG_FILE"]) if "OSTEO_LOG_FILE" in os.environ else None
     )
-    handlers: dict[str, dict[str, object]] = {
-        "console": {"class": "logging.StreamHandler", "formatter": "terse", "level": level},
-    }
+    handlers: dict[str, dict[str, object]] = {}
+    if console:
+        handlers["console"] = {
+            "class": "logging.StreamHandler", "formatter": "terse", "level": level,
+        }
     if log_file:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers["file"] = {
@@ -49,6 +54,9 @@ def configure_logging(level: int = logging.INFO, log_file: Path | None = None) -
         }
     )
     # Third-party chatter that says nothing a data engineer can act on.
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "great_expectations", "fsspec"):
+    noisy_libraries = ("botocore", "boto3", "s3transfer", "urllib3", "great_expectations",
+                       "fsspec", "websockets", "httpx", "httpcore", "asyncio", "aiosqlite",
+                       "matplotlib", "PIL")
+    for noisy in noisy_libraries:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -21,12 +21,12 @@ from osteo.runtime import prepare_environment, set_param
 from osteo.seaweed import EmbeddedS3
 
 SMALL_EXPORT = {
-    "generate.patients": 60,
+    "generate.patients": 120,
     "generate.image_size": [128, 104],
     "generate.png_fraction": 0.1,
     "preprocess.size": 64,
     "preprocess.shard_size": 32,
-    "split.tolerance": 0.12,
+    "split.tolerance": 0.15,
 }
 
 
@@ -56,11 +56,10 @@ def new_project(root: Path) -> Path:
 def prepared_project(
     s3_server: EmbeddedS3, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PreparedProject]:
-    from osteo.synthetic import generate_from_params
-
     from flows.prepare import prepare_dataset
     from osteo.config import load_params
     from osteo.logs import configure_logging
+    from osteo.synthetic import generate_from_params
 
     base = tmp_path_factory.mktemp("e2e")
     root = new_project(base / "project")
@@ -73,7 +72,7 @@ def prepared_project(
     os.environ["PREFECT_HOME"] = str(prefect_home)
     os.environ["OSTEO_VAULT_KEY_FILE"] = str(base / "keys" / "vault.key")
     prepare_environment()
-    configure_logging(log_file=log_file)
+    configure_logging(log_file=log_file, console=False)
 
     # 2. A small synthetic export, then the real flow.
     for key, value in SMALL_EXPORT.items():

@@ -1,0 +1,131 @@
+"""Benchmark the data preparation: images per second for each stage, and the ratio of the whole
+preparation to a bare decode-and-resize loop over the same files (target: at most 1.3).
+
+The bare loop is what any preparation must do at the very least: read each export file, decode
+its pixels and resize them with the same antialiased bilinear resize the pipeline uses. The
+stages are run in-process through the same functions the Prefect tasks and ``dvc repro`` call,
+against a real embedded SeaweedFS server (the pseudonymise stage writes the identity vault).
+With ``--flow`` the whole Prefect flow (with DVC commit, without push) is timed as well, to show
+the orchestration overhead separately.
+
+Usage::
+
+    .venv/bin/python bench/prepare_throughput.py --patients 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+
+from osteo.config import PACKAGE_ROOT, load_params
+from osteo.dvc import init_project
+from osteo.layout import Layout
+from osteo.runtime import prepare_environment, set_param
+from osteo.seaweed import EmbeddedS3
+
+
+def bare_decode_and_resize(images: list[Path], size: int) -> float:
+    """Seconds to decode every file and resize it, nothing else (the lower bound)."""
+    from tasks.preprocess import resize_bilinear
+
+    started = time.perf_counter()
+    for path in images:
+        if path.suffix == ".dcm":
+            pixels = pydicom.dcmread(path).pixel_array
+        else:
+            with Image.open(path) as image:
+                pixels = np.asarray(image)
+        resize_bilinear(pixels.astype(np.float32), size)
+    return time.perf_counter() - started
+
+
+def run_stages(project: Path) -> list[tuple[str, int, float]]:
+    """Run every data stage once; returns (stage, records in, seconds) per stage."""
+    from flows.prepare import DATA_STAGES
+
+    layout, params = Layout(project), load_params(project)
+    timings = []
+    for name, stage in DATA_STAGES.items():
+        started = time.perf_counter()
+        summary = stage.fn(layout, params)
+        timings.append((name, summary.records_in, time.perf_counter() - started))
+    return timings
+
+
+def make_project(base: Path, patients: int, rows: int, columns: int) -> tuple[Path, Path]:
+    """A DVC project and a synthetic export of the requested size."""
+    from osteo.synthetic import generate_from_params
+
+    project = base / "project"
+    project.mkdir()
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(PACKAGE_ROOT / name, project / name)
+    shutil.copytree(PACKAGE_ROOT / "expectations", project / "expectations")
+    init_project(project)
+    export = base / "export"
+    set_param(project, "generate.patients", patients)
+    set_param(project, "generate.image_size", [rows, columns])
+    set_param(project, "export.path", str(export))
+    generate_from_params(load_params(project), export, truth_path=base / "export.truth.csv")
+    return project, export
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=400)
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--columns", type=int, default=416)
+    parser.add_argument("--flow", action="store_true", help="also time the whole Prefect flow")
+    args = parser.parse_args()
+
+    prepare_environment()
+    base = Path(tempfile.mkdtemp(prefix="osteo-bench-"))
+    os.environ["OSTEO_VAULT_KEY_FILE"] = str(base / "vault.key")
+    with EmbeddedS3(base / "s3") as server:
+        os.environ.update(server.environment())
+
+        # 1. The export, then the bare loop twice (the second run reads from the page cache,
+        #    as the stages do).
+        project, export = make_project(base, args.patients, args.rows, args.columns)
+        images = sorted((export / "images").iterdir())
+        size = int(load_params(project)["preprocess"]["size"])
+        bare_decode_and_resize(images, size)
+        bare = bare_decode_and_resize(images, size)
+
+        # 2. The stages, in-process.
+        timings = run_stages(project)
+        total = sum(seconds for _, _, seconds in timings)
+
+        # 3. Optionally the whole flow, orchestration and DVC commit included.
+        flow_seconds = None
+        if args.flow:
+            from flows.prepare import prepare_dataset
+
+            started = time.perf_counter()
+            prepare_dataset(str(project), push=False)
+            flow_seconds = time.perf_counter() - started
+
+    print(f"{len(images)} images of {args.rows}x{args.columns}, output {size}x{size}, "
+          f"{os.cpu_count()} cores")
+    print(f"{'step':<28}{'images':>8}{'seconds':>10}{'images/s':>10}")
+    print(f"{'bare decode + resize':<28}{len(images):>8}{bare:>10.2f}{len(images) / bare:>10.1f}")
+    for name, count, seconds in timings:
+        print(f"{name:<28}{count:>8}{seconds:>10.2f}{count / seconds:>10.1f}")
+    print(f"{'whole preparation':<28}{len(images):>8}{total:>10.2f}{len(images) / total:>10.1f}")
+    print(f"ratio whole preparation / bare loop: {total / bare:.2f} (target <= 1.3)")
+    if flow_seconds is not None:
+        print(f"Prefect flow incl. orchestration and dvc commit: {flow_seconds:.2f} s")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
