@@ -85,8 +85,8 @@ def storage_settings() -> StorageSettings:
     """Read the storage settings from the environment.
 
     Raises:
-        ConfigError: when no endpoint is configured, or TLS is required and the endpoint is
-            plain HTTP.
+        ConfigError: when no endpoint is configured, TLS is required and the endpoint is plain
+            HTTP, or the CA bundle is not a file.
     """
     endpoint = os.environ.get("OSTEO_S3_ENDPOINT", "").strip()
     if not endpoint:
@@ -94,11 +94,14 @@ def storage_settings() -> StorageSettings:
     require_tls = os.environ.get("OSTEO_S3_REQUIRE_TLS", "0").lower() in {"1", "true", "yes"}
     if require_tls and not endpoint.startswith("https://"):
         raise ConfigError(f"OSTEO_S3_REQUIRE_TLS is set but OSTEO_S3_ENDPOINT is {endpoint}")
+    ca_bundle = os.environ.get("OSTEO_S3_CA_BUNDLE") or None
+    if ca_bundle and not Path(ca_bundle).is_file():
+        raise ConfigError(f"OSTEO_S3_CA_BUNDLE names {ca_bundle}, which is not a file")
     credentials_file = os.environ.get("OSTEO_CREDENTIALS_FILE")
     return StorageSettings(
         endpoint_url=endpoint,
         region=os.environ.get("OSTEO_S3_REGION", "us-east-1"),
-        ca_bundle=os.environ.get("OSTEO_S3_CA_BUNDLE") or None,
+        ca_bundle=ca_bundle,
         require_tls=require_tls,
         credentials_file=Path(credentials_file) if credentials_file else None,
     )

@@ -2,7 +2,10 @@
 
 Clients are made per role of the access matrix, so a stage can only do what its service
 identity is allowed to do, and the server enforces it (controls 4.10 and 4.11). Endpoint, keys
-and TLS verification come from ``osteo.config.storage_settings``.
+and TLS verification come from ``osteo.config.storage_settings``: boto3, s3fs and the DVC remote
+all verify the server's certificate against ``OSTEO_S3_CA_BUNDLE`` when it is set, and
+``OSTEO_S3_REQUIRE_TLS=1`` refuses a plain-HTTP endpoint before any key is used (control 4.8,
+secure the transit of the collected data).
 """
 
 from __future__ import annotations

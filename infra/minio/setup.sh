@@ -7,7 +7,8 @@ mc mb --ignore-existing osteo/osteo-retraining
 mc mb --ignore-existing osteo/osteo-patient-files
 mc mb --ignore-existing osteo/osteo-identity-vault
 mc mb --ignore-existing osteo/osteo-models
-mc mb --ignore-existing osteo/osteo-audit
+mc mb --ignore-existing --with-lock osteo/osteo-audit
+mc retention set --default compliance "20y" osteo/osteo-audit
 mc admin policy create osteo osteo-administrator /osteo/policies/administrator.json
 mc admin user add osteo "$OSTEO_ADMINISTRATOR_ACCESS_KEY" "$OSTEO_ADMINISTRATOR_SECRET_KEY"
 mc admin policy attach osteo osteo-administrator --user "$OSTEO_ADMINISTRATOR_ACCESS_KEY"
@@ -32,3 +33,9 @@ mc admin policy attach osteo osteo-svc_prepare --user "$OSTEO_SVC_PREPARE_ACCESS
 mc admin policy create osteo osteo-svc_train /osteo/policies/svc_train.json
 mc admin user add osteo "$OSTEO_SVC_TRAIN_ACCESS_KEY" "$OSTEO_SVC_TRAIN_SECRET_KEY"
 mc admin policy attach osteo osteo-svc_train --user "$OSTEO_SVC_TRAIN_ACCESS_KEY"
+mc admin policy create osteo osteo-svc_monitor /osteo/policies/svc_monitor.json
+mc admin user add osteo "$OSTEO_SVC_MONITOR_ACCESS_KEY" "$OSTEO_SVC_MONITOR_SECRET_KEY"
+mc admin policy attach osteo osteo-svc_monitor --user "$OSTEO_SVC_MONITOR_ACCESS_KEY"
+mc admin policy create osteo osteo-svc_retention /osteo/policies/svc_retention.json
+mc admin user add osteo "$OSTEO_SVC_RETENTION_ACCESS_KEY" "$OSTEO_SVC_RETENTION_SECRET_KEY"
+mc admin policy attach osteo osteo-svc_retention --user "$OSTEO_SVC_RETENTION_ACCESS_KEY"

@@ -387,13 +387,12 @@ def test_cli_unknown_log_location_is_one_clear_message(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- real S3 server
 
-# Temporary: no service identity may write the audit bucket yet (infra/access.yaml), so these
-# tests write a log under a unique prefix of the training bucket as svc_prepare.
+# Each test writes its own log under a unique prefix of the append-only audit bucket.
 
 
 @pytest.fixture()
 def s3_log_backend(s3_env: EmbeddedS3) -> S3Backend:
-    return S3Backend(s3_client("svc_prepare"), bucket("training"),
+    return S3Backend(s3_client("svc_prepare"), bucket("audit"),
                      prefix=f"audit-test/{uuid.uuid4().hex}/")
 
 
@@ -445,7 +444,7 @@ def test_s3_two_writers_keep_one_chain(s3_log_backend: S3Backend, signer: AuditS
 @pytest.mark.s3
 def test_s3_role_without_write_access_gets_a_clear_error(s3_env: EmbeddedS3,
                                                          signer: AuditSigner) -> None:
-    backend = S3Backend(s3_client("data_scientist"), bucket("training"), prefix="audit-test/ro/")
+    backend = S3Backend(s3_client("auditor"), bucket("audit"), prefix="audit-test/ro/")
 
     with pytest.raises(AuditError, match="AccessDenied"):
-        AuditLog(backend, signer).append("jdoe", "data_scientist", "model.train", ["data/x.npz"])
+        AuditLog(backend, signer).append("jdoe", "auditor", "report.read", ["data/x.npz"])
