@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
-from osteo import dvc
+from osteo import dvc, lineage, trail
 from osteo.config import load_params
 from osteo.layout import Layout
 from osteo.summary import AccountingError, StageSummary
@@ -89,6 +89,18 @@ def account(stages: list[StageSummary]) -> tuple[int, int, dict[str, int]]:
     return stages[0].records_in, stages[-1].accepted, dict(quarantined)
 
 
+@task(name="audit-stage")
+def audit_stage(project_dir: Path, summary: StageSummary) -> None:
+    """Append the stage's audit record; the pseudonymise stage also records the vault access."""
+    trail.record_stage("svc_prepare", project_dir, summary)
+    if summary.stage == "pseudonymise":
+        trail.record("svc_pseudonymise", "vault.access", {}, {
+            "patient_count": summary.extra.get("patients", 0),
+            "created_count": summary.extra.get("new_patients", 0)
+            + summary.extra.get("new_images", 0),
+        })
+
+
 @task(name="dvc-commit-push")
 def version_dataset(project_dir: Path, push: bool) -> tuple[str | None, str]:
     """Record the run in dvc.lock and push the pseudonymised outputs to the training store."""
@@ -97,6 +109,7 @@ def version_dataset(project_dir: Path, push: bool) -> tuple[str | None, str]:
     if push:
         report = dvc.push(project_dir, *DATA_STAGES).splitlines()
         logger.info("dvc push: %s", report[-1] if report else "nothing to push")
+        lineage.record_dataset_version(project_dir, stages=tuple(DATA_STAGES))
     return dvc.output_hash(project_dir, "split", "data/split"), remote
 
 
@@ -116,7 +129,10 @@ def prepare_dataset(project_dir: str, push: bool = True) -> PreparationSummary:
     root = Path(project_dir).resolve()
     layout, params = Layout(root), load_params(root)
     started = time.perf_counter()
-    stages = [stage(layout, params) for stage in DATA_STAGES.values()]
+    stages = []
+    for stage in DATA_STAGES.values():
+        stages.append(stage(layout, params))
+        audit_stage(root, stages[-1])
     seconds = time.perf_counter() - started
 
     # 2. Check that no record was lost between stages.
@@ -125,6 +141,9 @@ def prepare_dataset(project_dir: str, push: bool = True) -> PreparationSummary:
     # 3. Version the outputs with DVC and push them to the training store.
     data_version, remote = version_dataset(root, push)
 
+    trail.record("svc_prepare", "dataset.version", trail.output_hashes(root, ["dvc.lock"]),
+                 {"accepted": accepted})
+    trail.checkpoint("svc_prepare")
     summary = PreparationSummary(stages, records_in, accepted, quarantined, data_version,
                                  remote, seconds)
     _publish_artifact(summary)

@@ -20,7 +20,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.prepare import DATA_STAGES, PreparationSummary, prepare_dataset
-from osteo import dvc, registry
+from osteo import dvc, registry, trail
 from osteo.config import load_params
 from osteo.layout import Layout
 from tasks.evaluate import EvaluationResult, evaluate
@@ -71,8 +71,12 @@ def register_model(project_dir: Path, data_version: str | None) -> tuple[str, st
     layout, params = Layout(project_dir), load_params(project_dir)
     manifest = registry.register(layout, params, data_version or "unknown")
     version = str(manifest["version"])
+    # The registry object names the version; dates are kept out of audit details.
+    checkpoint = {f"versions/{version}/model.ckpt": manifest.get("checkpoint_sha256")}
+    trail.record("svc_train", "model.register", checkpoint, {"status": str(manifest["status"])})
     if manifest["status"] == "accepted":
         registry.promote(version)
+        trail.record("svc_train", "model.promote", checkpoint, {"status": "champion"})
         logger.info("model %s accepted and promoted to champion", version)
     else:
         logger.warning("model %s rejected (%s); the champion alias does not move",
@@ -104,12 +108,19 @@ def train_model(project_dir: str, prepare: bool = True, push: bool = True) -> Tr
     layout, params = Layout(root), load_params(root)
     oracle(layout, params)
     training = train(layout, params)
+    trail.record("svc_train", "stage.train", trail.output_hashes(root, ["data/model"]),
+                 {"stage": "train"})
     evaluation = evaluate(layout, params)
+    trail.record("svc_train", "stage.evaluate",
+                 trail.output_hashes(root, ["reports/metrics.json"]),
+                 {"stage": "evaluate", "status": "accepted" if evaluation.accepted
+                  else "rejected"})
 
     # 3. Lineage in DVC, then the registry; only an accepted model becomes champion.
     data_version = version_model(root, push)
     version, champion = register_model(root, data_version)
 
+    trail.checkpoint("svc_train")
     _publish_artifacts(root, evaluation, version)
     return TrainingSummary(preparation, training, evaluation, version, champion, data_version)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from configobj import ConfigObj
 
 from osteo.config import bucket
 from osteo.storage import dvc_remote_settings
@@ -51,7 +52,7 @@ def run_dvc(project_dir: Path, *args: str) -> str:
     )
     if completed.returncode != 0:
         message = (completed.stderr or completed.stdout).strip().splitlines()
-        raise DvcError(f"dvc {' '.join(args)} failed: {' '.join(message[-3:])}")
+        raise DvcError(f"dvc {' '.join(args[:2])} failed: {' '.join(message[-3:])}")
     return completed.stdout
 
 
@@ -74,14 +75,26 @@ def configure_remote(project_dir: Path, role: str = "svc_prepare") -> str:
     Returns:
         The remote URL.
     """
-    url = f"s3://{bucket('training')}/dvc"
+    return _configure(project_dir, REMOTE_NAME, f"s3://{bucket('training')}/dvc", role,
+                      default=True)
+
+
+def _configure(project_dir: Path, name: str, url: str, role: str, default: bool = False) -> str:
+    """Declare a remote in ``.dvc/config`` and write its endpoint and keys to config.local.
+
+    The keys are written to the file directly (owner-only), never passed on a command line
+    where other local users could read them in the process list.
+    """
     config = project_dir / ".dvc" / "config"
-    text = config.read_text() if config.exists() else ""
-    if f'remote "{REMOTE_NAME}"' not in text:
-        run_dvc(project_dir, "remote", "add", "--default", REMOTE_NAME, url)
-    run_dvc(project_dir, "remote", "modify", "--local", REMOTE_NAME, "url", url)
-    for key, value in dvc_remote_settings(role).items():
-        run_dvc(project_dir, "remote", "modify", "--local", REMOTE_NAME, key, value)
+    if f'remote "{name}"' not in (config.read_text() if config.exists() else ""):
+        run_dvc(project_dir, "remote", "add", *(["--default"] if default else []), name, url)
+    local_path = project_dir / ".dvc" / "config.local"
+    local = ConfigObj(str(local_path) if local_path.exists() else None, encoding="utf-8")
+    local.filename = str(local_path)
+    local[f'remote "{name}"'] = {"url": url, **dvc_remote_settings(role)}
+    fd = os.open(local_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        local.write(handle)
     return url
 
 
@@ -123,11 +136,4 @@ MODELS_REMOTE = "models"
 
 def configure_models_remote(project_dir: Path, role: str = "svc_train") -> str:
     """Point the ``models`` remote (model outputs of dvc.yaml) at the registry's bucket."""
-    url = f"s3://{bucket('models')}/dvc"
-    config = project_dir / ".dvc" / "config"
-    if f'remote "{MODELS_REMOTE}"' not in (config.read_text() if config.exists() else ""):
-        run_dvc(project_dir, "remote", "add", MODELS_REMOTE, url)
-    run_dvc(project_dir, "remote", "modify", "--local", MODELS_REMOTE, "url", url)
-    for key, value in dvc_remote_settings(role).items():
-        run_dvc(project_dir, "remote", "modify", "--local", MODELS_REMOTE, key, value)
-    return url
+    return _configure(project_dir, MODELS_REMOTE, f"s3://{bucket('models')}/dvc", role)

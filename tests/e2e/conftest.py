@@ -71,6 +71,7 @@ def prepared_project(
     os.environ.update(s3_server.environment())
     os.environ["PREFECT_HOME"] = str(prefect_home)
     os.environ["OSTEO_VAULT_KEY_FILE"] = str(base / "keys" / "vault.key")
+    os.environ["OSTEO_AUDIT_KEY_FILE"] = str(base / "keys" / "audit.key")
     prepare_environment()
     configure_logging(log_file=log_file, console=False)
 

@@ -103,3 +103,16 @@ def test_dvc_repro_rebuilds_deleted_outputs_identically(prepared_project: Prepar
 
     assert "Running stage 'preprocess'" in output and "Running stage 'ingest'" not in output
     assert _digests(root / "data" / "split") | _digests(root / "data" / "prepared") == before
+
+
+def test_every_stage_is_in_the_signed_audit_trail(prepared_project: PreparedProject) -> None:
+    from osteo.audit import open_log
+
+    log = open_log("s3", role="auditor")
+    verification = log.verify()
+    actions = [entry.action for entry in log.query(None, None, None)]
+
+    assert verification.ok, verification.reason
+    assert all(f"stage.{stage}" in actions for stage in STAGES)
+    assert "vault.access" in actions and "dataset.version" in actions
+    assert log.who_accessed("data/split/split.parquet")

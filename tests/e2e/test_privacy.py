@@ -52,8 +52,9 @@ def readable_text(blob: bytes) -> str:
 
 def leaks(blob: bytes, values: set[str]) -> set[str]:
     """The identifying values that appear as whole words or numbers in a file's text."""
-    text = readable_text(blob)
-    return {value for value in values if re.search(rf"(?<![\w]){re.escape(value)}(?![\w])", text)}
+    alternatives = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+    pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
+    return set(pattern.findall(readable_text(blob))) & values
 
 
 def test_identifying_values_are_found_in_the_export_itself(
