@@ -35,6 +35,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean a user mistake: shown as one message, never a traceback."""
     from osteo.config import ConfigError
     from osteo.dvc import DvcError
+    from osteo.lineage import LineageError
+    from osteo.minimise import UndeclaredFieldError
+    from osteo.patient_files import PatientFileError
     from osteo.registry import RegistryError
     from osteo.seaweed import ServerError
     from osteo.vault import VaultError
@@ -45,7 +48,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tasks.validate import ValidateError
 
     return (ConfigError, DvcError, ServerError, ExportError, SplitError, VaultError,
-            ValidateError, PreprocessError, EvaluationError, RegistryError)
+            ValidateError, PreprocessError, EvaluationError, RegistryError, LineageError,
+            UndeclaredFieldError, PatientFileError)
 
 
 def _fail(error: Exception) -> typer.Exit:
@@ -455,3 +459,158 @@ def _generation_params(path: Path | None) -> dict[str, Any]:
     except yaml.YAMLError as error:
         raise _fail(ConfigError(f"{path} is not valid YAML: {error}")) from None
     return loaded if isinstance(loaded, dict) else {}
+
+
+# ---------------------------------------------------------------- control evidence (ENISA 4.x)
+
+controls_app = typer.Typer(
+    help="ENISA controls 4.1-4.29: how osteo implements each one, and the evidence."
+)
+app.add_typer(controls_app, name="controls")
+
+
+@controls_app.callback(invoke_without_command=True)
+def controls_show(
+    ctx: typer.Context,
+    junit: Path | None = typer.Option(
+        None, "--junit", help="JUnit report of the latest test run "
+        "(default: reports/tests/junit.xml in the project directory)."
+    ),
+    run: bool = typer.Option(False, "--run", help="Run the evidencing tests now (pytest)."),
+    output_format: str = typer.Option("table", "--format", help="'table' or 'json'."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit 1 when a technical control's tests failed or did not run."
+    ),
+    project_dir: Path = typer.Option(Path("."), "--project-dir", help="Where reports/ is."),
+) -> None:
+    """Every control with its evidence and the latest result of its tests."""
+    import json
+    import sys
+
+    from rich.console import Console
+
+    from osteo import controls as evidence
+    from osteo.config import PACKAGE_ROOT
+
+    if ctx.invoked_subcommand is not None:
+        return
+    if output_format not in ("table", "json"):
+        raise _fail(ValueError(f"--format {output_format}: use 'table' or 'json'"))
+    report = (junit or project_dir / evidence.DEFAULT_JUNIT).resolve()
+    try:
+        controls = evidence.load_controls(PACKAGE_ROOT / evidence.CONTROLS_FILE)
+        if run:
+            out = sys.stderr if output_format == "json" else None
+            evidence.run_evidence_tests(controls, report, PACKAGE_ROOT, out)
+        test_run = evidence.read_junit(report)
+    except evidence.ControlsError as error:
+        raise _fail(error) from None
+    results = evidence.assess(controls, test_run, project_dir, PACKAGE_ROOT)
+    if output_format == "json":
+        typer.echo(json.dumps(evidence.results_document(results, test_run), indent=2))
+    else:
+        Console().print(evidence.results_table(results))
+        typer.echo(f"test report {report}: " + (
+            f"{len(test_run.cases)} test cases, run {test_run.timestamp}" if test_run else
+            "none yet (run ./dev test, or osteo controls --run)"))
+    problems = evidence.check_map(controls, PACKAGE_ROOT)
+    for problem in problems:
+        typer.secho(f"warning: {problem}", fg=typer.colors.YELLOW, err=True)
+    if strict and (problems or any(result.evidence_failed for result in results)):
+        raise typer.Exit(1)
+
+
+@controls_app.command("docs")
+def controls_docs(
+    check: bool = typer.Option(
+        False, "--check", help="Exit 1 when a section is out of date (the default)."
+    ),
+    write: bool = typer.Option(False, "--write", help="Rewrite the out-of-date sections."),
+) -> None:
+    """Check or regenerate the repository facts in docs/*.md (DPIA, LIA, registers)."""
+    from osteo import controls as evidence
+    from osteo.config import PACKAGE_ROOT
+
+    if check and write:
+        raise _fail(ValueError("use either --check or --write"))
+    try:
+        if write:
+            changed = evidence.write_documents(PACKAGE_ROOT)
+            typer.echo(f"regenerated: {', '.join(changed)}" if changed else "already up to date")
+            return
+        drifted = evidence.check_documents(PACKAGE_ROOT)
+    except evidence.ControlsError as error:
+        raise _fail(error) from None
+    for problem in drifted:
+        typer.echo(f"out of date: {problem}")
+    if drifted:
+        typer.echo("run 'osteo controls docs --write' and review the change")
+        raise typer.Exit(1)
+    typer.echo(f"generated sections of {len(evidence.DOCUMENTS)} documents are up to date")
+
+
+# ---------------------------------------------------------------- retention (control 4.19)
+
+
+@app.command()
+def retention(
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Report what would be deleted; delete nothing."
+    ),
+    now: str | None = typer.Option(
+        None, "--now", metavar="YYYY-MM-DD", help="Day to measure the periods against (UTC); "
+        "default today. A later day shows what will expire by then."
+    ),
+    project_dir: Path = typer.Option(Path("."), "--project-dir", help="DVC project directory."),
+) -> None:
+    """Delete what has outlived its retention period in every store (params.yaml retention).
+
+    Training data, production cases, patient files and identity-vault entries; every deletion
+    is an audit record, and the report goes to reports/retention.json.
+    """
+    from datetime import UTC, datetime
+
+    from osteo.audit import AuditError
+    from osteo.lineage import LineageError
+    from osteo.patient_files import PatientFileError
+    from osteo.runtime import prepare_environment, storage_session
+    from tasks.retention import RetentionError
+
+    try:
+        day = datetime.strptime(now, "%Y-%m-%d").replace(tzinfo=UTC) if now else None
+    except ValueError:
+        raise _fail(ValueError(f"--now {now} is not a date YYYY-MM-DD")) from None
+    prepare_environment()
+    root = project_dir.resolve()
+    errors = _user_errors() + (AuditError, LineageError, PatientFileError, RetentionError)
+    try:
+        with storage_session(root):
+            from flows.retention import apply_retention
+
+            report = apply_retention(str(root), now=day, dry_run=dry_run)
+    except errors as error:
+        raise _fail(error) from None
+    _print_retention(report, root)
+
+
+def _print_retention(report: Any, root: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"Retention on {report.today}" + (" (dry run: nothing deleted)" if report.dry_run
+                                               else "")
+    table = Table(title=title)
+    table.add_column("store", no_wrap=True)
+    table.add_column("acting role", no_wrap=True)
+    for column in ("days", "scanned", "expired", "deleted", "bytes", "in use"):
+        table.add_column(column, justify="right")
+    for s in report.stores:
+        table.add_row(s.store, s.role, str(s.retention_days), str(s.scanned), str(s.expired),
+                      str(s.deleted), str(s.bytes), str(s.kept_in_use))
+    console = Console()
+    console.print(table)
+    for s in report.stores:
+        if s.note:
+            console.print(f"{s.store}: {s.note}")
+    console.print(f"report {root / 'reports' / 'retention.json'}; audit run {report.run_id}, "
+                  f"checkpoint at record {report.audit_seq}")

@@ -110,6 +110,27 @@ class Resolution:
     created: int
 
 
+@dataclass(frozen=True)
+class VaultEntryInfo:
+    """What the retention flow learns of one vault entry; nothing in it identifies a person.
+
+    Attributes:
+        key: the entry's object key (a keyed hash).
+        kind: ``patient`` or ``image``.
+        pseudonym: the patient pseudonym or image id the entry maps to.
+        created_at: when the entry was created (its ``created_at``; else the store's
+            LastModified, the same instant since entries are never rewritten).
+        size: the stored object's size in bytes.
+        sha256: sha256 of the stored (encrypted) object, for the audit trail.
+    """
+
+    key: str
+    kind: str
+    pseudonym: str
+    created_at: datetime
+    size: int
+    sha256: str
+
 def new_pseudonym() -> str:
     """A random patient pseudonym, ``P`` followed by 16 hex digits."""
     return "P" + secrets.token_hex(8)
@@ -410,6 +431,71 @@ class IdentityVault:
         entry: dict[str, str] = json.loads(plaintext)
         return entry
 
+
+    # ------------------------------------------------------------------ retention (4.19)
+
+    def entry_infos(self) -> list[VaultEntryInfo]:
+        """Every entry of the vault with what the retention flow needs, and nothing identifying.
+
+        Each entry is read and decrypted (concurrently) for its pseudonym and creation time;
+        the names, patient reference and birth date it holds are dropped at once.
+
+        Returns:
+            One description per patient and image entry, sorted by key.
+
+        Raises:
+            VaultError: when the store refuses a request or an entry fails to decrypt.
+        """
+        listed = self._list_objects(PATIENT_PREFIX) + self._list_objects(IMAGE_PREFIX)
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            infos = list(pool.map(lambda item: self._entry_info(*item), listed))
+        return sorted(infos, key=lambda info: info.key)
+
+    def delete_entry(self, key: str) -> None:
+        """Delete one entry (retention or erasure); deleting a missing entry is not an error.
+
+        Args:
+            key: the entry's object key, as given by ``entry_infos``.
+
+        Raises:
+            VaultError: when the key is not a vault entry key or the store refuses the deletion.
+        """
+        if not key.startswith((PATIENT_PREFIX, IMAGE_PREFIX)):
+            raise VaultError(f"{key} is not an identity-vault entry key")
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as error:
+            raise VaultError(f"cannot delete vault object {key}: {_code(error)}") from None
+
+    def _list_objects(self, prefix: str) -> list[tuple[str, int, datetime]]:
+        objects: list[tuple[str, int, datetime]] = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                objects.extend((item["Key"], int(item["Size"]), item["LastModified"])
+                               for item in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as error:
+            raise VaultError(
+                f"cannot list the identity vault {self.bucket}: {_code(error)}"
+            ) from None
+        return objects
+
+    def _entry_info(self, key: str, size: int, last_modified: datetime) -> VaultEntryInfo:
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (ClientError, BotoCoreError) as error:
+            raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
+        entry = self._decrypt(key, body)
+        kind = "patient" if key.startswith(PATIENT_PREFIX) else "image"
+        created = entry.get("created_at")
+        return VaultEntryInfo(
+            key=key, kind=kind,
+            pseudonym=entry.get("pseudonym" if kind == "patient" else "image_id", ""),
+            created_at=datetime.fromisoformat(created) if created else last_modified,
+            size=size, sha256=hashlib.sha256(body).hexdigest(),
+        )
 
 def _collect(futures: dict[str, Future[tuple[str, bool]]]) -> Resolution:
     results = {item: future.result() for item, future in futures.items()}

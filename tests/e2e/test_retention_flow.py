@@ -27,9 +27,11 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 from osteo import dvc, lineage
 from osteo.audit import AuditRecord, VerificationResult, load_signer, open_audit_log
+from osteo.cli import app
 from osteo.config import bucket
 from osteo.patient_files import PatientFileStore
 from osteo.runtime import prepare_environment
@@ -83,6 +85,7 @@ class World:
     after: dict[str, set[str]] = field(default_factory=dict)
     dry_report: RetentionReport | None = None
     report: RetentionReport | None = None
+    report_file: dict[str, Any] = field(default_factory=dict)
     lineage_after: list[lineage.DatasetVersion] = field(default_factory=list)
     audit: list[AuditRecord] = field(default_factory=list)
     verification: VerificationResult | None = None
@@ -206,6 +209,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         built.after_dry_run = contents()
         built.report = apply_retention(str(root), now=NOW)
         built.after = contents()
+        built.report_file = json.loads((root / "reports" / "retention.json").read_text())
         built.lineage_after = lineage.load_versions(lineage.remote_location(root),
                                                     s3_client("svc_prepare"))
         built.audit = list(open_audit_log("auditor").records())
@@ -310,9 +314,32 @@ def test_every_deletion_is_audited_and_the_run_ends_with_a_checkpoint(world: Wor
 
 
 def test_report_is_written_to_reports_retention_json(world: World) -> None:
-    written = json.loads((world.root / "reports" / "retention.json").read_text())
     report = world.report
     assert report is not None
 
-    assert written == report.to_dict()
-    assert written["stores"]["patient_files"]["deleted"] == 1
+    assert world.report_file == report.to_dict()
+    assert world.report_file["stores"]["patient_files"]["deleted"] == 1
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_dry_run_prints_one_row_per_store_and_deletes_nothing(world: World) -> None:
+    later = (TODAY + timedelta(days=7300)).isoformat()
+
+    result = CliRunner().invoke(app, ["retention", "--dry-run", "--now", later,
+                                      "--project-dir", str(world.root)])
+
+    assert result.exit_code == 0, result.output
+    assert "dry run: nothing deleted" in result.output
+    assert all(store in result.output for store in STORES)
+    assert contents() == world.after
+
+
+def test_cli_refuses_a_day_that_is_not_a_date(world: World) -> None:
+    result = CliRunner().invoke(app, ["retention", "--now", "2031-02-30",
+                                      "--project-dir", str(world.root)])
+
+    assert result.exit_code == 2
+    assert "--now 2031-02-30 is not a date" in result.output
+    assert "Traceback" not in result.output
