@@ -27,6 +27,7 @@ from prefect.artifacts import create_table_artifact
 from osteo import dvc, lineage, trail
 from osteo.config import load_params
 from osteo.layout import Layout
+from osteo.minimise import check_file
 from osteo.summary import AccountingError, StageSummary
 from tasks.ingest import ingest
 from tasks.preprocess import preprocess
@@ -103,7 +104,14 @@ def audit_stage(project_dir: Path, summary: StageSummary) -> None:
 
 @task(name="dvc-commit-push")
 def version_dataset(project_dir: Path, push: bool) -> tuple[str | None, str]:
-    """Record the run in dvc.lock and push the pseudonymised outputs to the training store."""
+    """Record the run in dvc.lock and push the pseudonymised outputs to the training store.
+
+    Before anything is recorded, every table bound for the training store is checked against
+    the fields that store may hold (control 4.22): an undeclared column stops the run.
+    """
+    for table in sorted((project_dir / "data").rglob("*")):
+        if table.suffix in {".parquet", ".csv"} and "model" not in table.parts:
+            check_file("training", table)
     remote = dvc.configure_remote(project_dir, role="svc_prepare") if push else ""
     dvc.commit(project_dir, *DATA_STAGES)
     if push:
