@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from osteo.seaweed import EmbeddedS3  # noqa: E402
+
+# Prefect's temporary server logs its own shutdown after pytest has closed the captured
+# streams; without this, logging prints a spurious "Logging error" traceback at exit.
+logging.raiseExceptions = False
 
 
 @pytest.fixture(scope="session")

@@ -116,3 +116,22 @@ def test_every_stage_is_in_the_signed_audit_trail(prepared_project: PreparedProj
     assert all(f"stage.{stage}" in actions for stage in STAGES)
     assert "vault.access" in actions and "dataset.version" in actions
     assert log.who_accessed("data/split/split.parquet")
+
+
+def test_a_table_with_an_undeclared_field_is_not_versioned(
+    prepared_project: PreparedProject,
+) -> None:
+    import pytest
+
+    from flows.prepare import version_dataset
+    from osteo.minimise import UndeclaredFieldError
+
+    root = prepared_project.root
+    intruder = root / "data" / "split" / "with_names.parquet"
+    table = pd.read_parquet(root / "data" / "split" / "split.parquet")
+    table.assign(last_name="x").to_parquet(intruder)
+    try:
+        with pytest.raises(UndeclaredFieldError, match="last_name"):
+            version_dataset.fn(root, push=False)
+    finally:
+        intruder.unlink()
