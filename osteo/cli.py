@@ -38,6 +38,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from osteo.lineage import LineageError
     from osteo.minimise import UndeclaredFieldError
     from osteo.patient_files import PatientFileError
+    from models.backbone import WeightsIntegrityError
+    from models.data import TrainingDataError
+    from models.module import CheckpointError
     from osteo.registry import RegistryError
     from osteo.seaweed import ServerError
     from osteo.vault import VaultError
@@ -49,7 +52,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return (ConfigError, DvcError, ServerError, ExportError, SplitError, VaultError,
             ValidateError, PreprocessError, EvaluationError, RegistryError, LineageError,
-            UndeclaredFieldError, PatientFileError)
+            UndeclaredFieldError, PatientFileError, WeightsIntegrityError, TrainingDataError,
+            CheckpointError)
 
 
 def _fail(error: Exception) -> typer.Exit:
