@@ -33,14 +33,14 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean a user mistake: shown as one message, never a traceback."""
+    from models.backbone import WeightsIntegrityError
+    from models.data import TrainingDataError
+    from models.module import CheckpointError
     from osteo.config import ConfigError
     from osteo.dvc import DvcError
     from osteo.lineage import LineageError
     from osteo.minimise import UndeclaredFieldError
     from osteo.patient_files import PatientFileError
-    from models.backbone import WeightsIntegrityError
-    from models.data import TrainingDataError
-    from models.module import CheckpointError
     from osteo.registry import RegistryError
     from osteo.seaweed import ServerError
     from osteo.vault import VaultError
