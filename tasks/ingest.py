@@ -65,6 +65,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydicom.pixels import get_decoder
 
+from osteo.deid import BurnedInAnnotationError, check_burned_in_annotation
 from osteo.layout import Layout
 from osteo.progress import track
 from osteo.quarantine import Quarantine
@@ -327,6 +328,11 @@ def _check_dicom(data: bytes) -> HeaderCheck:
     problem = _unsupported_dicom(dataset)
     if problem:
         return HeaderCheck("unsupported_image", problem, birth_date)
+    try:
+        check_burned_in_annotation(dataset)
+    except BurnedInAnnotationError as refused:
+        detail = "the image may show text burned into its pixels (Burned In Annotation)"
+        return HeaderCheck(refused.reason, detail, birth_date)
     expected = _native_pixel_bytes(dataset)
     found = len(dataset.PixelData)
     if expected and found < expected:

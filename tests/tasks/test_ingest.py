@@ -260,6 +260,22 @@ def test_dicom_without_pixel_data_is_quarantined(project_dir: Path) -> None:
     assert result.summary.accepted == 4
 
 
+def test_image_with_burned_in_annotation_is_quarantined(project_dir: Path) -> None:
+    import pydicom
+
+    export = make_export(project_dir)
+    path = export.images_dir / "IMG0005.dcm"
+    make_dicom(path, "HOSP-000103")
+    dataset = pydicom.dcmread(path)
+    dataset.BurnedInAnnotation = "YES"
+    dataset.save_as(path)
+
+    result = run_ingest(project_dir)
+
+    assert single(result.rejected("burned_in_annotation"))["source"] == "images/IMG0005.dcm"
+    assert result.summary.accepted == 4
+
+
 def test_duplicate_file_keeps_the_first_and_quarantines_the_other(project_dir: Path) -> None:
     export = make_export(project_dir)
     shutil.copy(export.images_dir / "IMG0005.dcm", export.images_dir / "IMG0006.dcm")
