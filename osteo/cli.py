@@ -162,6 +162,15 @@ def _print_preparation(summary: Any) -> None:
         )
     console = Console()
     console.print(table)
+    annotations = summary.stages[0].extra.get("annotations", {})
+    if annotations:
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(annotations["quarantined"].items()))
+        readers = summary.stages[0].extra.get("readers", {})
+        console.print(
+            f"annotations in {annotations['in']} = used {annotations['used']} + quarantined "
+            f"{sum(annotations['quarantined'].values())} ({reasons or 'none'}); "
+            f"readers disagreed on {readers.get('images_with_disagreement', 0)} images"
+        )
     console.print(
         f"records in {summary.records_in} = accepted {summary.accepted} + quarantined "
         f"{summary.quarantined_total}  ({summary.seconds:.1f} s)"
