@@ -20,13 +20,14 @@ network (``ImageNetInput``), so callers pass the prepared ``[0, 1]`` images unch
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from osteo.digest import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +74,6 @@ def packaged_weights_path() -> Path:
             "(or set model.weights_path)"
         ) from error
     return Path(str(root.joinpath(*WEIGHTS_RESOURCE)))
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a whole file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_verified_state_dict(

@@ -71,6 +71,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from osteo.config import ConfigError, bucket, load_access_matrix
+from osteo.digest import file_sha256  # noqa: F401 - part of this module's API
 
 logger = logging.getLogger(__name__)
 
@@ -377,15 +378,6 @@ def _now() -> str:
 
 def _entry_name(folder: str, seq: int) -> str:
     return f"{folder}{seq:012d}.json"
-
-
-def file_sha256(path: Path | str) -> str:
-    """Return the sha256 hex digest of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _object_refs(objects: Mapping[str, str | None] | Iterable[Any]) -> tuple[ObjectRef, ...]:

@@ -36,6 +36,7 @@ import yaml
 from botocore.exceptions import ClientError
 
 from osteo.config import bucket
+from osteo.digest import file_sha256
 from osteo.layout import Layout
 from osteo.model_card import Lineage, render_model_card
 from osteo.storage import s3_client
@@ -354,15 +355,6 @@ def _put_json(client: Any, name: str, key: str, document: dict[str, Any]) -> Non
 
 
 # ---------------------------------------------------------------- lineage helpers
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def params_sha256(params: dict[str, Any]) -> str:
