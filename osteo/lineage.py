@@ -49,7 +49,7 @@ from osteo import dvc
 from osteo.audit import file_sha256
 from osteo.config import bucket
 from osteo.layout import Layout
-from osteo.storage import s3_client
+from osteo.storage import list_objects, s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -422,9 +422,7 @@ def _read(client: Any, bucket_name: str, key: str) -> bytes:
 def _list_keys(client: Any, bucket_name: str, prefix: str) -> list[str]:
     keys: list[str] = []
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket_name,
-                                                                       Prefix=prefix):
-            keys.extend(item["Key"] for item in page.get("Contents", []))
+        keys.extend(item["Key"] for item in list_objects(client, bucket_name, prefix))
     except (ClientError, BotoCoreError) as error:
         raise LineageError(f"cannot list s3://{bucket_name}/{prefix}: {_code(error)}") from None
     return keys

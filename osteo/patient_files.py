@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from osteo.audit import AuditLog
 from osteo.config import ConfigError, bucket
 from osteo.minimise import check_fields
+from osteo.storage import list_objects
 
 logger = logging.getLogger(__name__)
 
@@ -273,9 +274,7 @@ def list_files(client: Any, bucket_name: str, prefix: str = FILES_PREFIX) -> lis
     """
     keys: list[str] = []
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket_name,
-                                                                       Prefix=prefix):
-            keys.extend(item["Key"] for item in page.get("Contents", []))
+        keys.extend(item["Key"] for item in list_objects(client, bucket_name, prefix))
     except (ClientError, BotoCoreError) as error:
         raise PatientFileError(f"cannot list s3://{bucket_name}/{prefix}: {_code(error)}") from None
     return sorted(keys, key=lambda k: (created_month(k), k))

@@ -77,3 +77,13 @@ def dvc_remote_settings(role: str, settings: StorageSettings | None = None) -> d
     if settings.ca_bundle:
         remote["ssl_verify"] = settings.ca_bundle
     return remote
+
+
+def list_objects(client: Any, bucket_name: str, prefix: str = "") -> list[dict[str, Any]]:
+    """Every object summary (``Key``, ``Size``, ``LastModified``) under ``prefix``, all pages.
+
+    Raises:
+        botocore.exceptions.ClientError: when the store refuses the listing.
+    """
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket_name, Prefix=prefix)
+    return [item for page in pages for item in page.get("Contents", [])]

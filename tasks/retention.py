@@ -64,7 +64,7 @@ from osteo import lineage, patient_files, vault
 from osteo.audit import AuditLog
 from osteo.config import ConfigError, bucket
 from osteo.lineage import DatasetVersion, RemoteLocation
-from osteo.storage import s3_client
+from osteo.storage import list_objects, s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -164,10 +164,8 @@ def list_store(client: Any, bucket_name: str, prefix: str = "") -> list[StoreObj
     """
     objects: list[StoreObject] = []
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket_name,
-                                                                       Prefix=prefix):
-            objects.extend(StoreObject(item["Key"], int(item["Size"]), item["LastModified"])
-                           for item in page.get("Contents", []))
+        objects.extend(StoreObject(item["Key"], int(item["Size"]), item["LastModified"])
+                       for item in list_objects(client, bucket_name, prefix))
     except (ClientError, BotoCoreError) as error:
         raise RetentionError(f"cannot list s3://{bucket_name}/{prefix}: {_code(error)}") from None
     return objects
