@@ -85,3 +85,23 @@ def prepared_project(
     yield PreparedProject(root, export, truth, log_file, prefect_home, summary)
     os.environ.clear()
     os.environ.update(saved)
+
+
+ONE_EPOCH = {
+    "train.max_epochs": 1,
+    "train.freeze_epochs": 0,
+    "train.batch_size": 16,
+    "train.patience": 1,
+    "evaluate.bootstrap": 50,
+}
+
+
+@pytest.fixture(scope="session")
+def trained(prepared_project: PreparedProject) -> object:
+    """The small project after one run of the training flow (one epoch, no preparation)."""
+    from flows.train import train_model
+
+    for key, value in ONE_EPOCH.items():
+        set_param(prepared_project.root, key, value)
+    set_param(prepared_project.root, "export.truth", str(prepared_project.truth))
+    return train_model(str(prepared_project.root), prepare=False, push=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pydicom
 
-from osteo.config import bucket
-from osteo.storage import s3_client
+from osteo.config import bucket, load_access_matrix
+from osteo.storage import list_objects, s3_client
 from tests.e2e.conftest import PreparedProject
 
 
@@ -41,13 +42,33 @@ def readable_text(blob: bytes) -> str:
     tables contribute every value and their schema metadata. Anything else is read as text.
     """
     if blob[:4] == b"PK\x03\x04":
-        with np.load(io.BytesIO(blob), allow_pickle=False) as shard:
-            return " ".join(f"{name} {shard[name].dtype}" for name in shard.files)
+        return _archive_text(blob)
     if blob[:4] == b"PAR1":
         table = pq.read_table(io.BytesIO(blob))
         metadata = str(table.schema.metadata or "")
         return table.to_pandas().to_csv() + metadata
     return blob.decode("utf-8", errors="ignore") + "\n" + blob.decode("latin-1")
+
+
+def _archive_text(blob: bytes) -> str:
+    """Member names, array dtypes of ``.npy`` members, and the bytes of any other member.
+
+    Pixel shards are zip archives of arrays; a Lightning checkpoint is a zip archive whose
+    pickled members (hyperparameters) could hold text, so those are read in full.
+    """
+    parts = []
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        for name in archive.namelist():
+            parts.append(name)
+            with archive.open(name) as member:
+                if name.endswith(".npy"):
+                    major, _ = np.lib.format.read_magic(member)
+                    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                                   else np.lib.format.read_array_header_2_0)
+                    parts.append(str(read_header(member)[2]))
+                else:
+                    parts.append(member.read().decode("latin-1"))
+    return "\n".join(parts)
 
 
 def leaks(blob: bytes, values: set[str]) -> set[str]:
@@ -104,3 +125,40 @@ def test_no_identifier_in_the_training_store(prepared_project: PreparedProject) 
         found[key] = leaks(body, values)
 
     assert keys and not {key: hits for key, hits in found.items() if hits}
+
+
+def _bucket_blobs(role: str, store: str) -> dict[str, bytes]:
+    client = s3_client(role)
+    return {
+        item["Key"]: client.get_object(Bucket=bucket(store), Key=item["Key"])["Body"].read()
+        for item in list_objects(client, bucket(store))
+    }
+
+
+def test_no_identifier_in_any_store_but_the_vault_and_patient_files(
+    trained: object, prepared_project: PreparedProject
+) -> None:
+    """After both flows: training, retraining, models and audit stores hold no identity."""
+    values = identifying_values(prepared_project.export)
+    stores = [store for store in load_access_matrix()["stores"]
+              if store not in {"identity_vault", "patient_files"}]
+
+    found = {
+        f"{store}/{key}": leaks(blob, values)
+        for store in stores for key, blob in _bucket_blobs("administrator", store).items()
+    }
+
+    assert any(key.startswith("models/") for key in found)
+    assert any(key.startswith("audit/") for key in found)
+    assert not {key: hits for key, hits in found.items() if hits}
+
+
+def test_raw_bytes_of_the_vault_hold_no_identifier(
+    trained: object, prepared_project: PreparedProject
+) -> None:
+    """The vault holds identities, but encrypted on the client: its stored bytes reveal none."""
+    values = identifying_values(prepared_project.export)
+    blobs = _bucket_blobs("administrator", "identity_vault")
+    raw = {key: {v for v in values if v.encode() in blob} for key, blob in blobs.items()}
+
+    assert blobs and not {key: hits for key, hits in raw.items() if hits}

@@ -10,33 +10,14 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-import pytest
 
+from flows.train import TrainingSummary
 from osteo import dvc, registry
-from osteo.runtime import set_param
 from tests.e2e.conftest import PreparedProject
-
-ONE_EPOCH = {
-    "train.max_epochs": 1,
-    "train.freeze_epochs": 0,
-    "train.batch_size": 16,
-    "train.patience": 1,
-    "evaluate.bootstrap": 50,
-}
-
-
-@pytest.fixture(scope="module")
-def trained(prepared_project: PreparedProject) -> object:
-    from flows.train import train_model
-
-    for key, value in ONE_EPOCH.items():
-        set_param(prepared_project.root, key, value)
-    set_param(prepared_project.root, "export.truth", str(prepared_project.truth))
-    return train_model(str(prepared_project.root), prepare=False, push=True)
 
 
 def test_one_epoch_trains_evaluates_and_registers(
-    trained: object, prepared_project: PreparedProject
+    trained: TrainingSummary, prepared_project: PreparedProject
 ) -> None:
     root = prepared_project.root
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
@@ -49,7 +30,7 @@ def test_one_epoch_trains_evaluates_and_registers(
     assert {"train", "evaluate", "oracle"} <= set(dvc.lock(root)["stages"])
 
 
-def test_champion_moves_only_to_an_accepted_model(trained: object) -> None:
+def test_champion_moves_only_to_an_accepted_model(trained: TrainingSummary) -> None:
     manifest = registry.get(trained.version)
 
     if manifest["status"] == "accepted":
@@ -60,7 +41,7 @@ def test_champion_moves_only_to_an_accepted_model(trained: object) -> None:
 
 
 def test_model_card_names_no_patient_or_image(
-    trained: object, prepared_project: PreparedProject
+    trained: TrainingSummary, prepared_project: PreparedProject
 ) -> None:
     from tests.e2e.test_privacy import identifying_values, leaks
 
@@ -72,7 +53,7 @@ def test_model_card_names_no_patient_or_image(
     assert not any(i in card for i in set(ids["image_id"]) | set(ids["patient_id"]))
 
 
-def test_registration_and_promotion_are_audited(trained: object) -> None:
+def test_registration_and_promotion_are_audited(trained: TrainingSummary) -> None:
     from osteo.audit import open_log
 
     log = open_log("s3", role="auditor")
