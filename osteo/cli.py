@@ -81,14 +81,21 @@ def stage(
     prepare_environment()
     root = project_dir.resolve()
     try:
-        if name in DATA_STAGE_NAMES:
-            from flows.prepare import DATA_STAGES as stages
-        else:
-            from flows.train import MODEL_STAGES as stages
-        result = stages[name].fn(Layout(root), load_params(root))
+        result = _stage_task(name).fn(Layout(root), load_params(root))
     except _user_errors() as error:
         raise _fail(error) from None
     typer.echo(f"{name}: {_describe(result)}")
+
+
+def _stage_task(name: str) -> Any:
+    """The Prefect task of a stage; model stages are imported only when asked for (torch)."""
+    if name in DATA_STAGE_NAMES:
+        from flows.prepare import DATA_STAGES
+
+        return DATA_STAGES[name]
+    from flows.train import MODEL_STAGES
+
+    return MODEL_STAGES[name]
 
 
 def _describe(result: Any) -> str:
