@@ -352,7 +352,8 @@ def audit_verify(
 
     try:
         pinned = Path(public_key).read_bytes() if public_key else None
-        result = open_log(log, role).verify(expect_head, expect_seq, pinned)
+        with _audit_storage(log):
+            result = open_log(log, role).verify(expect_head, expect_seq, pinned)
     except (ConfigError, AuditError, OSError) as error:
         raise _fail(error) from None
     key = "pinned key" if result.key_pinned else "published key"
@@ -383,7 +384,8 @@ def audit_show(
 
     try:
         start = datetime.fromisoformat(since) if since else None
-        records = open_log(log, role).query(object_key, actor, start)
+        with _audit_storage(log):
+            records = open_log(log, role).query(object_key, actor, start)
     except ValueError:
         raise _fail(ValueError(f"--since {since} is not an ISO date or time")) from None
     except (ConfigError, AuditError) as error:
@@ -401,6 +403,18 @@ def audit_show(
                       record.run_id or "", shown)
     Console().print(table)
     typer.echo(f"{len(records)} matching records (run 'osteo audit verify' to check integrity)")
+
+
+def _audit_storage(log: str) -> Any:
+    """The audit store's endpoint: the configured one, or the embedded server of this project."""
+    from contextlib import nullcontext
+
+    from osteo.runtime import prepare_environment, storage_session
+
+    if log != "s3":
+        return nullcontext()
+    prepare_environment()
+    return storage_session(Path.cwd())
 
 
 app.add_typer(audit_app, name="audit")
