@@ -290,6 +290,31 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, int | float) else "—"
 
 
+
+@app.command("review-export")
+def review_export(
+    out_dir: Path = typer.Argument(..., help="New directory for the de-identified DICOM files."),
+    split: str = typer.Option("test", "--split", help="train, val, test or all."),
+    project_dir: Path = typer.Option(Path("."), "--project-dir", help="DVC project directory."),
+) -> None:
+    """De-identified DICOM copies of a split's radiographs for an external review (4.24)."""
+    from osteo.config import load_params
+    from osteo.layout import Layout
+    from tasks.review import export_for_review
+
+    if split not in {"train", "val", "test", "all"}:
+        raise _fail(ValueError(f"--split {split}: choose train, val, test or all"))
+    root = project_dir.resolve()
+    try:
+        result = export_for_review(Layout(root), load_params(root), out_dir,
+                                   None if split == "all" else split)
+    except _user_errors() as error:
+        raise _fail(error) from None
+    left_out = ", ".join(f"{r} {n}" for r, n in sorted(result.excluded.items())) or "none"
+    typer.echo(f"{result.written} de-identified DICOM files in {result.out_dir}; "
+               f"left out: {left_out} (see excluded.csv)")
+
+
 # ---------------------------------------------------------------- access matrix
 
 access_app = typer.Typer(

@@ -135,3 +135,31 @@ def test_a_table_with_an_undeclared_field_is_not_versioned(
             version_dataset.fn(root, push=False)
     finally:
         intruder.unlink()
+
+
+def test_review_export_is_de_identified_with_the_same_pixels(
+    prepared_project: PreparedProject, tmp_path: Path
+) -> None:
+    import pydicom
+
+    from osteo.config import load_params
+    from osteo.layout import Layout
+    from tasks.review import export_for_review
+    from tests.e2e.test_privacy import identifying_values, leaks
+
+    root = prepared_project.root
+    result = export_for_review(Layout(root), load_params(root), tmp_path / "review", None)
+    image_map = pd.read_parquet(root / "work" / "pseudonymise" / "image_map.parquet")
+    values = identifying_values(prepared_project.export)
+
+    files = sorted((tmp_path / "review").glob("*.dcm"))
+    selected = len(pd.read_parquet(root / "data" / "split" / "split.parquet"))
+    assert result.written == len(files) > 0
+    assert result.written + sum(result.excluded.values()) == selected
+    for path in files:
+        assert not leaks(path.read_bytes(), values), path.name
+        copy = pydicom.dcmread(path)
+        source = image_map.loc[image_map["image_id"] == path.stem, "image"].item()
+        original = pydicom.dcmread(prepared_project.export / "images" / source)
+        assert copy.PixelData == original.PixelData
+        assert copy.PatientIdentityRemoved == "YES"
