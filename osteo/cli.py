@@ -216,7 +216,9 @@ def train(
 @app.command()
 def demo(
     project_dir: Path = typer.Option(Path("."), "--project-dir", help="DVC project directory."),
-    patients: int = typer.Option(500, "--patients", min=20, help="Patients in the export."),
+    patients: int | None = typer.Option(
+        None, "--patients", min=20, help="Patients in the export (default: generate.patients)."
+    ),
     regenerate: bool = typer.Option(False, "--regenerate", help="Write the export anew."),
     push: bool = typer.Option(True, "--push/--no-push", help="Push data and model with DVC."),
 ) -> None:
@@ -234,8 +236,10 @@ def demo(
     try:
         # 1. The synthetic export (kept between runs unless --regenerate).
         if regenerate or not (export / "patients.csv").exists():
-            typer.echo(f"generating a synthetic export of {patients} patients in {export}")
-            generate_from_params(load_params(root), export, patients=patients, force=True)
+            params = load_params(root)
+            count = patients or params["generate"]["patients"]
+            typer.echo(f"generating a synthetic export of {count} patients in {export}")
+            generate_from_params(params, export, patients=count, force=True)
         set_param(root, "export.path", _relative_to(export, root))
         set_param(root, "export.truth", _relative_to(default_truth_path(export), root))
 
