@@ -49,6 +49,7 @@ from osteo.progress import track
 from osteo.quarantine import Quarantine
 from osteo.shards import ShardWriter, read_shard
 from osteo.summary import StageSummary
+from osteo.tables import read_stage_input
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +332,8 @@ def preprocess(layout: Layout, params: dict[str, Any]) -> StageSummary:
     # 1. Read the settings and the validated records.
     started = time.perf_counter()
     size, shard_size = _setting(params, "size"), _setting(params, "shard_size")
-    records = _read_records(layout.validated_records)
+    records = read_stage_input(layout.validated_records, REQUIRED_COLUMNS, PreprocessError,
+                               "validate")
     quarantine = Quarantine(STAGE)
 
     # 2. Prepare the images shard by shard: each raw shard is opened once.
@@ -357,17 +359,6 @@ def _setting(params: dict[str, Any], key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"params.yaml: {STAGE}.{key} must be a positive integer, got {value!r}")
     return value
-
-
-def _read_records(path: Path) -> pd.DataFrame:
-    """The validated records, checked for the columns this stage needs."""
-    if not path.exists():
-        raise PreprocessError(f"{path} not found: run the validate stage first")
-    records = pd.read_parquet(path)
-    missing = [column for column in REQUIRED_COLUMNS if column not in records.columns]
-    if missing:
-        raise PreprocessError(f"{path} lacks the column(s) {', '.join(missing)}")
-    return records
 
 
 def prepare_shard(

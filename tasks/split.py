@@ -35,6 +35,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from osteo.config import ConfigError
 from osteo.layout import Layout
 from osteo.summary import StageSummary
+from osteo.tables import read_stage_input
 
 logger = logging.getLogger(__name__)
 
@@ -257,12 +258,7 @@ def split(layout: Layout, params: dict[str, Any]) -> StageSummary:
 
 def _read_records(path: Path) -> pd.DataFrame:
     """The prepared records, checked for the columns and rows a split needs."""
-    if not path.exists():
-        raise SplitError(f"{path} not found: run the preprocess stage first")
-    records = pd.read_parquet(path)
-    missing = [column for column in REQUIRED_COLUMNS if column not in records.columns]
-    if missing:
-        raise SplitError(f"{path} lacks the column(s) {', '.join(missing)}")
+    records = read_stage_input(path, REQUIRED_COLUMNS, SplitError, "preprocess")
     if records.empty:
         raise SplitError(f"{path} holds no images: nothing to split")
     return records.reset_index(drop=True)
