@@ -8,7 +8,9 @@ local identifiable area) and in every object of the training store.
 from __future__ import annotations
 
 import io
+import pickletools
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -16,7 +18,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pydicom
+import torch
 
+from flows.prepare import DATA_STAGES
+from osteo import dvc
 from osteo.config import bucket, load_access_matrix
 from osteo.storage import list_objects, s3_client
 from tests.e2e.conftest import PreparedProject
@@ -32,6 +37,10 @@ def identifying_values(export: Path) -> set[str]:
         if birth:
             values |= {birth, f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"}
     return {value for value in values if len(value) >= 3}
+
+
+TENSOR_STORAGE = re.compile(r"[^/]+/data/\d+")
+"""Where torch.save puts a tensor's raw bytes inside its zip archive."""
 
 
 def readable_text(blob: bytes) -> str:
@@ -54,14 +63,21 @@ def _archive_text(blob: bytes) -> str:
     """Member names, array dtypes of ``.npy`` members, and the bytes of any other member.
 
     Pixel shards are zip archives of arrays; a Lightning checkpoint is a zip archive whose
-    pickled members (hyperparameters) could hold text, so those are read in full.
+    pickled members (hyperparameters) could hold text, so their strings are all read. Its tensor
+    storages (``archive/data/0``, ...) are raw weights, like the pixels of a ``.npy`` member:
+    a three-letter name turns up in a few megabytes of random floats by chance, so only their
+    names and sizes are kept.
     """
     parts = []
     with zipfile.ZipFile(io.BytesIO(blob)) as archive:
         for name in archive.namelist():
             parts.append(name)
             with archive.open(name) as member:
-                if name.endswith(".npy"):
+                if TENSOR_STORAGE.fullmatch(name):
+                    parts.append(f"{archive.getinfo(name).file_size} bytes")
+                elif name.endswith(".pkl"):
+                    parts.extend(_pickled_strings(member.read()))
+                elif name.endswith(".npy"):
                     major, _ = np.lib.format.read_magic(member)
                     read_header = (np.lib.format.read_array_header_1_0 if major == 1
                                    else np.lib.format.read_array_header_2_0)
@@ -69,6 +85,16 @@ def _archive_text(blob: bytes) -> str:
                 else:
                     parts.append(member.read().decode("latin-1"))
     return "\n".join(parts)
+
+
+def _pickled_strings(pickled: bytes) -> list[str]:
+    """Every string a pickle holds, read from its opcodes without running it.
+
+    Read as raw text, a pickled string runs into the next opcode (``Ewaq``) and escapes a
+    whole-word search.
+    """
+    return [str(argument) for _, argument, _ in pickletools.genops(pickled)
+            if isinstance(argument, (str, bytes))]
 
 
 def leaks(blob: bytes, values: set[str]) -> set[str]:
@@ -91,6 +117,17 @@ def test_identifying_values_are_found_in_the_export_itself(
     assert leaks(header, values)
 
 
+def test_a_name_in_a_checkpoint_is_found_but_not_in_its_raw_weights() -> None:
+    """Checkpoint text (hyperparameters) is searched; bytes of tensor storages are not."""
+    weights = torch.frombuffer(bytearray(b" Ewa \x00\x00\x00"), dtype=torch.float32)
+    with_name, without_name = io.BytesIO(), io.BytesIO()
+    torch.save({"state_dict": {"w": weights}, "hyper_parameters": {"reader": "Ewa"}}, with_name)
+    torch.save({"state_dict": {"w": weights}, "hyper_parameters": {}}, without_name)
+
+    assert leaks(with_name.getvalue(), {"Ewa"}) == {"Ewa"}
+    assert leaks(without_name.getvalue(), {"Ewa"}) == set()
+
+
 def test_no_identifier_in_any_file_written_by_the_pipeline(
     prepared_project: PreparedProject,
 ) -> None:
@@ -108,6 +145,27 @@ def test_no_identifier_in_any_file_written_by_the_pipeline(
     found = {str(p): leaks(p.read_bytes(), values) for p in written if p.is_file()}
 
     assert written and not {path: hits for path, hits in found.items() if hits}
+
+
+def test_dvc_copies_nothing_identifiable_into_its_local_cache(
+    prepared_project: PreparedProject, tmp_path: Path,
+) -> None:
+    """Recording the data stages caches no work/ output, not even in DVC's run cache.
+
+    Runs on a copy of the project with an empty cache, so that a test which wipes and pulls the
+    session project's cache cannot hide a copy made when the flow recorded its run.
+    """
+    root = prepared_project.root
+    copy = tmp_path / "project"
+    shutil.copytree(root, copy, symlinks=True,
+                    ignore=lambda folder, _: ["cache"] if Path(folder) == root / ".dvc" else [])
+    values = identifying_values(prepared_project.export)
+
+    dvc.commit(copy, *DATA_STAGES)
+
+    cached = [path for path in (copy / ".dvc" / "cache").rglob("*") if path.is_file()]
+    found = {str(path): leaks(path.read_bytes(), values) for path in cached}
+    assert cached and not {path: hits for path, hits in found.items() if hits}
 
 
 def test_no_identifier_in_the_training_store(prepared_project: PreparedProject) -> None:
