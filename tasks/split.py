@@ -15,12 +15,17 @@ Method: the images are stratified on the combined stratum label x sex and groupe
 patient_id with scikit-learn's ``StratifiedGroupKFold`` into k folds, where k is the smallest
 count of equal folds that expresses ``split.fractions`` (10 for 80/10/10); the first folds form
 the training set, the next the validation set and the last the test set. The folds are seeded
-by ``split.seed`` and computed on the records sorted by image id, so the same records and seed
-always give the same split, whatever the order of the input table.
+by ``split.seed`` and computed in an order set by the images' content (the sha256 of each
+prepared pixel array), not by their pseudonyms. Pseudonyms are random and belong to one identity
+vault, so a practice that rebuilds its vault, or a reviewer who reruns the demo on a fresh clone,
+gets the same patients in the same splits from the same export and seed. The split table is
+written in that order too, so training sees its images in the same order. The content keys are
+used in memory only and never written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
@@ -45,7 +50,7 @@ POSITIVE_LABEL = "osteoporosis"
 FEMALE = "F"
 # The most folds tried to express the fractions; 20 allows steps of 5 %.
 MAX_FOLDS = 20
-REQUIRED_COLUMNS = ["image_id", "patient_id", "sex", "label"]
+REQUIRED_COLUMNS = ["image_id", "patient_id", "sex", "label", "shard"]
 
 
 class SplitError(Exception):
@@ -105,13 +110,17 @@ def _settings(params: dict[str, Any]) -> tuple[tuple[int, ...], int, float]:
 # ---------------------------------------------------------------- the split
 
 
-def assign_splits(records: pd.DataFrame, plan: tuple[int, ...], seed: int) -> pd.Series:
+def assign_splits(
+    records: pd.DataFrame, plan: tuple[int, ...], seed: int, keys: pd.Series | None = None
+) -> pd.Series:
     """Assign every image to train, val or test, stratified on label x sex, grouped by patient.
 
     Args:
         records: one row per image with ``image_id``, ``patient_id``, ``sex`` and ``label``.
         plan: fold counts of train, val and test (see ``fold_plan``).
         seed: seed of the fold assignment.
+        keys: an order key per image, indexed like ``records`` (``content_keys``); by default
+            the image id. Patients are ordered and grouped by the smallest key of their images.
 
     Returns:
         The split name of each image, indexed like ``records``.
@@ -121,7 +130,7 @@ def assign_splits(records: pd.DataFrame, plan: tuple[int, ...], seed: int) -> pd
     """
 
     # 1. Fold the images in a fixed order, so that the input's row order does not matter.
-    ordered = records.sort_values("image_id", kind="stable")
+    ordered = ordered_by_key(records, records["image_id"] if keys is None else keys)
     strata = ordered["label"].astype(str) + "|" + ordered["sex"].astype(str)
     folds = sum(plan)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -133,7 +142,7 @@ def assign_splits(records: pd.DataFrame, plan: tuple[int, ...], seed: int) -> pd
             # Sparse strata show up in the ratio check below, with the numbers that matter.
             warnings.filterwarnings("ignore", "The least populated class", UserWarning)
             for fold, (_, members) in enumerate(
-                splitter.split(np.zeros(len(ordered)), strata, ordered["patient_id"])
+                splitter.split(np.zeros(len(ordered)), strata, ordered["patient_key"])
             ):
                 fold_of[members] = fold
     except ValueError as error:
@@ -145,6 +154,41 @@ def assign_splits(records: pd.DataFrame, plan: tuple[int, ...], seed: int) -> pd
     # 3. The first folds are the training set, then validation, then test.
     names = np.repeat(np.array(SPLITS), plan)
     return pd.Series(names[fold_of], index=ordered.index, name="split").reindex(records.index)
+
+
+def content_keys(records: pd.DataFrame, pixel_dir: Path) -> pd.Series:
+    """The sha256 of each image's prepared pixel array, indexed like ``records``.
+
+    Args:
+        records: one row per image with ``image_id`` and ``shard``.
+        pixel_dir: data/prepared/pixels.
+
+    Raises:
+        SplitError: when a shard or an image in it is missing.
+    """
+    keys: dict[str, str] = {}
+    for shard, group in records.groupby("shard", sort=True):
+        path = pixel_dir / str(shard)
+        if not path.is_file():
+            raise SplitError(f"{path} not found: run the preprocess stage again")
+        with np.load(path) as pixels:
+            for image_id in group["image_id"]:
+                if image_id not in pixels.files:
+                    raise SplitError(f"{path} lacks image {image_id}: run the preprocess stage "
+                                     "again")
+                keys[image_id] = hashlib.sha256(pixels[image_id].tobytes()).hexdigest()
+    return records["image_id"].map(keys).rename("key")
+
+
+def ordered_by_key(records: pd.DataFrame, keys: pd.Series) -> pd.DataFrame:
+    """The records sorted by patient then image order key, with a ``patient_key`` column.
+
+    A patient's key is the smallest key of its images, so the order depends on the keys only,
+    never on the pseudonyms.
+    """
+    keyed = records.assign(key=keys.to_numpy())
+    keyed["patient_key"] = keyed.groupby("patient_id")["key"].transform("min")
+    return keyed.sort_values(["patient_key", "key"], kind="stable").drop(columns="key")
 
 
 def split_statistics(records: pd.DataFrame, splits: pd.Series) -> dict[str, dict[str, Any]]:
@@ -233,15 +277,17 @@ def split(layout: Layout, params: dict[str, Any]) -> StageSummary:
     # 1. Read the settings and the prepared records.
     plan, seed, tolerance = _settings(params)
     records = _read_records(layout.prepared_records)
+    keys = content_keys(records, layout.prepared_pixel_dir)
 
     # 2. Split, then check leakage, emptiness and ratios before writing anything.
-    splits = assign_splits(records, plan, seed)
+    splits = assign_splits(records, plan, seed, keys)
     statistics = split_statistics(records, splits)
     check_split(records, splits, statistics, tolerance)
 
-    # 3. Write the split table and the summary.
+    # 3. Write the split table, in content order, and the summary.
     layout.split_dir.mkdir(parents=True, exist_ok=True)
     table = records[["image_id", "patient_id"]].assign(split=splits.to_numpy())
+    table = table.loc[ordered_by_key(records, keys).index]
     table.to_parquet(layout.split_table, index=False)
     summary = StageSummary(
         stage=STAGE, records_in=len(records), accepted=len(table), unit="image",

@@ -34,10 +34,18 @@ def _prepared_records(patients: int, seed: int = 0, prevalence: float = 0.3) -> 
 
 
 def _project(root: Path, records: pd.DataFrame) -> Layout:
+    """A project holding the records and a shard with a small, distinct image for each."""
     layout = Layout(root)
-    layout.prepared_dir.mkdir(parents=True)
+    layout.prepared_pixel_dir.mkdir(parents=True)
     records.to_parquet(layout.prepared_records, index=False)
+    np.savez(layout.prepared_pixel_dir / "shard-00000.npz",
+             **{image_id: _pixels(image_id) for image_id in records["image_id"]})
     return layout
+
+
+def _pixels(image_id: str) -> np.ndarray:
+    """Pixels that depend on the image only (seeded by its id in these synthetic records)."""
+    return np.random.default_rng(int(image_id[1:], 16)).random((4, 4)).astype(np.float16)
 
 
 def _params(**overrides: object) -> dict[str, dict[str, object]]:
@@ -99,6 +107,39 @@ def test_same_seed_gives_the_same_split_whatever_the_row_order(tmp_path: Path) -
 
     pd.testing.assert_series_equal(by_image(first), by_image(shuffled))
     assert not by_image(first).equals(by_image(other_seed))
+
+
+def test_a_new_vault_gives_the_same_patients_the_same_splits(tmp_path: Path) -> None:
+    """Pseudonyms are random per identity vault; the split follows the images' content."""
+    records = _prepared_records(200).sort_values("image_id", ignore_index=True)
+    rng = np.random.default_rng(5)
+    renamed = {old: f"{old[0]}{rng.integers(1 << 62):016x}"
+               for old in (*records["image_id"].unique(), *records["patient_id"].unique())}
+    original = _project(tmp_path / "a", records)
+    new_vault = Layout(tmp_path / "b")
+    new_vault.prepared_pixel_dir.mkdir(parents=True)
+    records.replace({"image_id": renamed, "patient_id": renamed}).sort_values(
+        "image_id").to_parquet(new_vault.prepared_records, index=False)  # as preprocess writes
+    np.savez(new_vault.prepared_pixel_dir / "shard-00000.npz",
+             **{renamed[image_id]: _pixels(image_id) for image_id in records["image_id"]})
+
+    split.fn(original, PARAMS)
+    split.fn(new_vault, PARAMS)
+
+    first = pd.read_parquet(original.split_table)
+    second = pd.read_parquet(new_vault.split_table)
+    back = {new: old for old, new in renamed.items()}
+    pd.testing.assert_frame_equal(first, second.replace({"image_id": back, "patient_id": back}))
+
+
+def test_an_image_missing_from_its_shard_raises_split_error(tmp_path: Path) -> None:
+    records = _prepared_records(60)
+    layout = _project(tmp_path, records)
+    np.savez(layout.prepared_pixel_dir / "shard-00000.npz",
+             **{image_id: _pixels(image_id) for image_id in records["image_id"][1:]})
+
+    with pytest.raises(SplitError, match=f"lacks image {records['image_id'][0]}"):
+        split.fn(layout, PARAMS)
 
 
 def test_zero_tolerance_on_an_uneven_set_raises_split_error(tmp_path: Path) -> None:
