@@ -116,7 +116,7 @@ def _read_table(path: Path, columns: set[str]) -> pd.DataFrame:
 
 
 def read_labelled_records(records_path: Path, split_path: Path) -> pd.DataFrame:
-    """Prepared records joined with their split, labels as 0/1.
+    """Prepared records joined with their split, labels as 0/1, in the split table's order.
 
     Raises:
         TrainingDataError: when a file or column is missing, an image has no split (or the
@@ -134,8 +134,10 @@ def read_labelled_records(records_path: Path, split_path: Path) -> pd.DataFrame:
             f"{split_path} does not match {records_path}: {len(without_split)} prepared images "
             f"have no split, {len(unknown)} split rows name no prepared image"
         )
-    joined = records.merge(split[["image_id", "split"]], on="image_id", how="left",
-                           validate="one_to_one")
+    # The split table's row order (set by the images' content, not their pseudonyms) is the
+    # order the model sees them in.
+    joined = split[["image_id", "split"]].merge(records, on="image_id", how="left",
+                                                validate="one_to_one")
 
     # 2. Known label and split values only.
     bad_labels = sorted(set(joined["label"]) - LABELS.keys())

@@ -73,6 +73,19 @@ def test_every_split_is_held_in_memory_with_its_images_in_record_order(tmp_path:
     assert data.image_size == 64
 
 
+def test_images_follow_the_split_tables_order_not_the_records(tmp_path: Path) -> None:
+    """The split stage orders its table by content; training must keep that order."""
+    layout = write_prepared_dataset(tmp_path)
+    table = pd.read_parquet(layout.split_table).sample(frac=1.0, random_state=3)
+    table.to_parquet(layout.split_table, index=False)
+
+    data = data_module(layout)
+
+    for name, split in data.splits.items():
+        expected = table.loc[table["split"] == name, "image_id"].tolist()
+        assert split.records["image_id"].tolist() == expected
+
+
 def test_standardisation_statistics_come_from_the_train_split_only(tmp_path: Path) -> None:
     layout = write_prepared_dataset(tmp_path)
     data = data_module(layout)
