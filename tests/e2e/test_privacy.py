@@ -12,6 +12,7 @@ import pickletools
 import re
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pydicom
 import torch
+from PIL import Image
 
 from flows.prepare import DATA_STAGES
 from osteo import dvc
@@ -39,6 +41,7 @@ def identifying_values(export: Path) -> set[str]:
     return {value for value in values if len(value) >= 3}
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TENSOR_STORAGE = re.compile(r"[^/]+/data/\d+")
 """Where torch.save puts a tensor's raw bytes inside its zip archive."""
 
@@ -47,11 +50,16 @@ def readable_text(blob: bytes) -> str:
     """The text a person or program could read out of a file, whatever its format.
 
     Pixel shards (zip archives of arrays) contribute their member names and dtypes: their raw
-    pixel bytes hold no text, and searching them would only find random coincidences. Parquet
-    tables contribute every value and their schema metadata. Anything else is read as text.
+    pixel bytes hold no text, and searching them would only find random coincidences. For the
+    same reason PNG figures contribute their text chunks (title, software, any metadata), not
+    their compressed pixels. Parquet tables contribute every value and their schema metadata.
+    Anything else is read as text.
     """
     if blob[:4] == b"PK\x03\x04":
         return _archive_text(blob)
+    if blob[:8] == PNG_SIGNATURE:
+        with Image.open(io.BytesIO(blob)) as figure:
+            return "\n".join(f"{key}: {value}" for key, value in figure.text.items())
     if blob[:4] == b"PAR1":
         table = pq.read_table(io.BytesIO(blob))
         metadata = str(table.schema.metadata or "")
@@ -126,6 +134,29 @@ def test_a_name_in_a_checkpoint_is_found_but_not_in_its_raw_weights() -> None:
 
     assert leaks(with_name.getvalue(), {"Ewa"}) == {"Ewa"}
     assert leaks(without_name.getvalue(), {"Ewa"}) == set()
+
+
+def _png(row: bytes, text: dict[str, str]) -> bytes:
+    """A one-row grey PNG whose pixel bytes are stored unfiltered and uncompressed."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (len(data).to_bytes(4, "big") + kind + data
+                + zlib.crc32(kind + data).to_bytes(4, "big"))
+
+    header = len(row).to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    texts = b"".join(chunk(b"tEXt", f"{key}\0{value}".encode("latin-1"))
+                     for key, value in text.items())
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" + row, level=0))
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + texts + pixels + chunk(b"IEND", b"")
+
+
+def test_a_name_in_a_figures_text_is_found_but_not_in_its_pixels() -> None:
+    """PNG text chunks are searched; the pixel data, compressed in real figures, is not."""
+    with_name = _png(b" Ewa \0\0\0", {"Title": "recall of Ewa"})
+    without_name = _png(b" Ewa \0\0\0", {"Title": "recall"})
+
+    assert b" Ewa " in without_name and Image.open(io.BytesIO(without_name)).size == (8, 1)
+    assert leaks(with_name, {"Ewa"}) == {"Ewa"}
+    assert leaks(without_name, {"Ewa"}) == set()
 
 
 def test_no_identifier_in_any_file_written_by_the_pipeline(
