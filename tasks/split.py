@@ -39,6 +39,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from osteo.config import ConfigError
 from osteo.layout import Layout
+from osteo.shards import read_shard
 from osteo.summary import StageSummary
 from osteo.tables import read_stage_input
 
@@ -171,7 +172,7 @@ def content_keys(records: pd.DataFrame, pixel_dir: Path) -> pd.Series:
         path = pixel_dir / str(shard)
         if not path.is_file():
             raise SplitError(f"{path} not found: run the preprocess stage again")
-        with np.load(path) as pixels:
+        with read_shard(path) as pixels:
             for image_id in group["image_id"]:
                 if image_id not in pixels.files:
                     raise SplitError(f"{path} lacks image {image_id}: run the preprocess stage "

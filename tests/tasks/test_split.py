@@ -11,6 +11,7 @@ import pytest
 
 from osteo.config import ConfigError
 from osteo.layout import Layout
+from osteo.shards import ShardWriter
 from tasks.split import SplitError, fold_plan, split
 
 PARAMS = {"split": {"seed": 7, "fractions": [0.8, 0.1, 0.1], "tolerance": 0.05}}
@@ -38,9 +39,15 @@ def _project(root: Path, records: pd.DataFrame) -> Layout:
     layout = Layout(root)
     layout.prepared_pixel_dir.mkdir(parents=True)
     records.to_parquet(layout.prepared_records, index=False)
-    np.savez(layout.prepared_pixel_dir / "shard-00000.npz",
-             **{image_id: _pixels(image_id) for image_id in records["image_id"]})
+    _write_shard(layout, {image_id: _pixels(image_id) for image_id in records["image_id"]})
     return layout
+
+
+def _write_shard(layout: Layout, images: dict[str, np.ndarray]) -> None:
+    """Write the images as the one shard the synthetic records name (shard-00000.npz)."""
+    with ShardWriter(layout.prepared_pixel_dir, shard_size=len(images) + 1) as writer:
+        for image_id, pixels in images.items():
+            writer.add(image_id, pixels)
 
 
 def _pixels(image_id: str) -> np.ndarray:
@@ -120,8 +127,8 @@ def test_a_new_vault_gives_the_same_patients_the_same_splits(tmp_path: Path) -> 
     new_vault.prepared_pixel_dir.mkdir(parents=True)
     records.replace({"image_id": renamed, "patient_id": renamed}).sort_values(
         "image_id").to_parquet(new_vault.prepared_records, index=False)  # as preprocess writes
-    np.savez(new_vault.prepared_pixel_dir / "shard-00000.npz",
-             **{renamed[image_id]: _pixels(image_id) for image_id in records["image_id"]})
+    _write_shard(new_vault, {renamed[image_id]: _pixels(image_id)
+                             for image_id in records["image_id"]})
 
     split.fn(original, PARAMS)
     split.fn(new_vault, PARAMS)
@@ -135,8 +142,7 @@ def test_a_new_vault_gives_the_same_patients_the_same_splits(tmp_path: Path) -> 
 def test_an_image_missing_from_its_shard_raises_split_error(tmp_path: Path) -> None:
     records = _prepared_records(60)
     layout = _project(tmp_path, records)
-    np.savez(layout.prepared_pixel_dir / "shard-00000.npz",
-             **{image_id: _pixels(image_id) for image_id in records["image_id"][1:]})
+    _write_shard(layout, {image_id: _pixels(image_id) for image_id in records["image_id"][1:]})
 
     with pytest.raises(SplitError, match=f"lacks image {records['image_id'][0]}"):
         split.fn(layout, PARAMS)
