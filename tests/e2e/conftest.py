@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,6 +20,9 @@ from osteo import dvc
 from osteo.config import PACKAGE_ROOT
 from osteo.runtime import prepare_environment, set_param
 from osteo.seaweed import EmbeddedS3
+
+if TYPE_CHECKING:  # the flow imports Prefect, which the fixtures import only when they run
+    from flows.prepare import PreparationSummary
 
 SMALL_EXPORT = {
     "generate.patients": 120,
@@ -39,7 +43,7 @@ class PreparedProject:
     truth: Path
     log_file: Path
     prefect_home: Path
-    summary: object
+    summary: PreparationSummary
 
 
 def new_project(root: Path) -> Path:

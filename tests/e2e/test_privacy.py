@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pydicom
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 
 from flows.prepare import DATA_STAGES
 from osteo import dvc
@@ -58,7 +59,7 @@ def readable_text(blob: bytes) -> str:
     if blob[:4] == b"PK\x03\x04":
         return _archive_text(blob)
     if blob[:8] == PNG_SIGNATURE:
-        with Image.open(io.BytesIO(blob)) as figure:
+        with PngImageFile(io.BytesIO(blob)) as figure:
             return "\n".join(f"{key}: {value}" for key, value in figure.text.items())
     if blob[:4] == b"PAR1":
         table = pq.read_table(io.BytesIO(blob))

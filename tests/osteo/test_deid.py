@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
@@ -21,6 +20,7 @@ from osteo.deid import (
     deidentify_file,
     replacement_uid,
 )
+from tests.radiographs import read_test_radiograph
 
 UID_KEY = b"test-key-of-the-identity-vault-0"
 PSEUDONYMS = {"RG1": "P00000000000000a1", "RG3": "P00000000000000a3"}
@@ -94,8 +94,8 @@ class Case:
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     """RG1 and RG3 re-headed as two images of one study, RG3 referencing RG1, de-identified."""
     root = tmp_path_factory.mktemp("deid")
-    rg1 = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
-    rg3 = pydicom.dcmread(get_testdata_file("RG3_UNCR.dcm"))
+    rg1 = read_test_radiograph("RG1_UNCR.dcm")
+    rg3 = read_test_radiograph("RG3_UNCR.dcm")
     _rehead(rg1, None)
     _rehead(rg3, rg1.SOPInstanceUID)
     built = {}
@@ -158,7 +158,7 @@ def test_patient_characteristics_are_kept(cases: dict[str, Case]) -> None:
     written = pydicom.dcmread(cases["RG1"].output)
 
     for keyword, value in KEPT.items():
-        assert str(written.data_element(keyword).value) == value
+        assert str(written[keyword].value) == value
 
 
 def test_pseudonym_replaces_name_and_id_and_birth_date_is_empty(cases: dict[str, Case]) -> None:

@@ -8,6 +8,7 @@ import logging
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -39,7 +40,7 @@ from osteo.synthetic.population import age_on, draw_patients
 
 REPO = Path(__file__).resolve().parents[2]
 READERS = ["RAD01", "RAD02", "RAD03"]
-SMALL = {
+SMALL: dict[str, Any] = {
     "images_per_patient": (1, 2), "image_size": (128, 104), "reader_error_rate": 0.08,
     "accredited_readers": READERS,
 }
@@ -98,7 +99,7 @@ def dicom_files(export: Path) -> list[pydicom.Dataset]:
 
 
 def test_same_seed_gives_byte_identical_export_and_truth(tmp_path: Path) -> None:
-    settings = dict(SMALL, image_size=(96, 80), png_fraction=0.3)
+    settings: dict[str, Any] = dict(SMALL, image_size=(96, 80), png_fraction=0.3)
     generate_export(tmp_path / "a" / "export", seed=3, patients=12, **settings)
     generate_export(tmp_path / "b" / "export", seed=3, patients=12, **settings)
     generate_export(tmp_path / "c" / "export", seed=4, patients=12, **settings)
@@ -217,7 +218,7 @@ def test_first_two_readers_disagreeing_brings_a_third_accredited_reader(export: 
         if row["reader_id"] in READERS:
             readings[row["image"]].append(row)
 
-    counts = Counter()
+    counts: Counter[int] = Counter()
     for rows in readings.values():
         rows.sort(key=lambda r: r["annotated_at"])
         disagree = rows[0]["label"] != rows[1]["label"]
@@ -242,7 +243,7 @@ def test_unaccredited_trainee_reads_some_images_with_many_errors(population: dic
 
 
 def test_reader_error_rate_zero_gives_unanimous_true_labels(tmp_path: Path) -> None:
-    settings = dict(SMALL, reader_error_rate=0.0)
+    settings: dict[str, Any] = dict(SMALL, reader_error_rate=0.0)
     summary = generate_export(tmp_path / "export", seed=2, patients=60, png_fraction=0.0,
                               write_images=False, **settings)
     truth = {t["image"]: t["true_label"] for t in read_csv(tmp_path / "export.truth.csv")}

@@ -113,7 +113,9 @@ def test_tls_1_3_is_negotiated_with_a_certificate_for_the_loopback_address(
     with socket.create_connection(("127.0.0.1", tls_server.s3_port), timeout=5) as raw:
         with context.wrap_socket(raw, server_hostname="127.0.0.1") as connection:
             version = connection.version()
-            names = connection.getpeercert()["subjectAltName"]
+            certificate = connection.getpeercert()
+    assert certificate is not None
+    names = certificate["subjectAltName"]
 
     assert version == "TLSv1.3"
     assert ("IP Address", "127.0.0.1") in names and ("DNS", "localhost") in names

@@ -203,8 +203,10 @@ def test_bootstrap_intervals_contain_the_point_estimates_and_are_seeded() -> Non
     assert first != other
     points = threshold_metrics(arrays[0], arrays[1], threshold)
     for name in TEST_METRICS:
-        assert first[name]["low"] <= points[name] <= first[name]["high"], name
-        assert first[name]["low"] < first[name]["high"], name
+        low, high = first[name]["low"], first[name]["high"]
+        assert low is not None and high is not None, name
+        assert low <= points[name] <= high, name
+        assert low < high, name
     assert defined["auc"] == 200
 
 

@@ -8,9 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 
 from osteo.config import ConfigError
 from osteo.layout import Layout
@@ -23,6 +21,7 @@ from tasks.preprocess import (
     resize_bilinear,
     to_model_input,
 )
+from tests.radiographs import read_test_radiograph
 
 FLOAT16_STEP = 1e-3
 
@@ -40,7 +39,7 @@ def _ramp(side: int = 16) -> np.ndarray:
 
 
 def _dicom(name: str) -> tuple[np.ndarray, dict[str, Any]]:
-    dataset = pydicom.dcmread(get_testdata_file(name))
+    dataset = read_test_radiograph(name)
     record = _record(
         photometric=dataset.PhotometricInterpretation,
         window_center=float(dataset.WindowCenter), window_width=float(dataset.WindowWidth),
