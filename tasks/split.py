@@ -39,7 +39,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from osteo.config import ConfigError
 from osteo.layout import Layout
-from osteo.shards import read_shard
+from osteo.shards import iter_images
 from osteo.summary import StageSummary
 from osteo.tables import read_stage_input
 
@@ -51,7 +51,7 @@ POSITIVE_LABEL = "osteoporosis"
 FEMALE = "F"
 # The most folds tried to express the fractions; 20 allows steps of 5 %.
 MAX_FOLDS = 20
-REQUIRED_COLUMNS = ["image_id", "patient_id", "sex", "label", "shard"]
+REQUIRED_COLUMNS = ["image_id", "patient_id", "sex", "label"]
 
 
 class SplitError(Exception):
@@ -161,23 +161,18 @@ def content_keys(records: pd.DataFrame, pixel_dir: Path) -> pd.Series:
     """The sha256 of each image's prepared pixel array, indexed like ``records``.
 
     Args:
-        records: one row per image with ``image_id`` and ``shard``.
+        records: one row per image with ``image_id``.
         pixel_dir: data/prepared/pixels.
 
     Raises:
-        SplitError: when a shard or an image in it is missing.
+        SplitError: when an image of the records is in none of the shards.
     """
-    keys: dict[str, str] = {}
-    for shard, group in records.groupby("shard", sort=True):
-        path = pixel_dir / str(shard)
-        if not path.is_file():
-            raise SplitError(f"{path} not found: run the preprocess stage again")
-        with read_shard(path) as pixels:
-            for image_id in group["image_id"]:
-                if image_id not in pixels.files:
-                    raise SplitError(f"{path} lacks image {image_id}: run the preprocess stage "
-                                     "again")
-                keys[image_id] = hashlib.sha256(pixels[image_id].tobytes()).hexdigest()
+    keys = {image_id: hashlib.sha256(pixels.tobytes()).hexdigest()
+            for image_id, pixels in iter_images(pixel_dir, records["image_id"])}
+    missing = sorted(set(records["image_id"]) - keys.keys())
+    if missing:
+        raise SplitError(f"{pixel_dir} lacks {len(missing)} prepared image(s), the first "
+                         f"{missing[0]}: run the preprocess stage again")
     return records["image_id"].map(keys).rename("key")
 
 

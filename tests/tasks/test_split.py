@@ -144,7 +144,7 @@ def test_an_image_missing_from_its_shard_raises_split_error(tmp_path: Path) -> N
     layout = _project(tmp_path, records)
     _write_shard(layout, {image_id: _pixels(image_id) for image_id in records["image_id"][1:]})
 
-    with pytest.raises(SplitError, match=f"lacks image {records['image_id'][0]}"):
+    with pytest.raises(SplitError, match=f"lacks 1 prepared image.*{records['image_id'][0]}"):
         split.fn(layout, PARAMS)
 
 
