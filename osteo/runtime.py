@@ -24,8 +24,11 @@ RUN_ENVIRONMENT = {
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "GX_ANALYTICS_ENABLED": "false",
-    # Stage loggers reach the Prefect run logs as well as the console.
+    # Stage loggers reach the Prefect run logs as well as the console; a stage run by
+    # `dvc repro` (`osteo stage NAME`) has no flow run, and its lines go to the console only,
+    # without a warning for each.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "osteo,tasks,models,flows",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

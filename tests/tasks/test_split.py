@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from osteo.config import ConfigError
 from osteo.layout import Layout
@@ -146,6 +150,23 @@ def test_an_image_missing_from_its_shard_raises_split_error(tmp_path: Path) -> N
 
     with pytest.raises(SplitError, match=f"lacks 1 prepared image.*{records['image_id'][0]}"):
         split.fn(layout, PARAMS)
+
+
+def test_the_stage_command_prints_no_warning_outside_a_flow(tmp_path: Path) -> None:
+    """`osteo stage split`, as `dvc repro` runs it: no flow run, so no Prefect API logging."""
+    layout = _project(tmp_path / "project", _prepared_records(200))
+    (tmp_path / "project" / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    inherited = {name: value for name, value in os.environ.items()
+                 if name != "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"}
+
+    run = subprocess.run(  # noqa: S603 - this environment's own osteo
+        [str(Path(sys.executable).parent / "osteo"), "stage", "split"], cwd=layout.root,
+        env=inherited | {"PREFECT_HOME": str(tmp_path / "prefect")}, capture_output=True,
+        text=True, check=False, timeout=300)
+
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("split: ") and "0 quarantined" in run.stdout
+    assert "Warning" not in run.stderr, run.stderr
 
 
 def test_zero_tolerance_on_an_uneven_set_raises_split_error(tmp_path: Path) -> None:
