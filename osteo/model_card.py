@@ -173,11 +173,23 @@ def _data_fields(
     }
 
 
+def _confidence_rule(metrics: dict[str, Any]) -> str:
+    """How sure the threshold's recall is, when the threshold was chosen with a confidence."""
+    confidence = metrics.get("threshold_confidence")
+    if confidence is None:
+        return ""
+    reached = metrics["val"].get("recall_confidence")
+    return (f" with a probability of at least {_fmt(confidence, 2)} that the true recall "
+            f"does, given the few validation cases (`evaluate.threshold_confidence`; "
+            f"reached: {_fmt(reached, 2)})")
+
+
 def _performance_fields(metrics: dict[str, Any]) -> dict[str, str]:
     test, val, confusion = metrics["test"], metrics["val"], metrics["confusion"]
     return {
         "threshold": _fmt(metrics["threshold"]),
         "target_recall": _fmt(metrics["target_recall"], 2),
+        "confidence_rule": _confidence_rule(metrics),
         "val_images": str(val["n_images"]),
         "val_recall": _fmt(val["recall"]),
         "val_specificity": _fmt(val["specificity"]),

@@ -5,7 +5,11 @@ a data scientist and an auditor need before the model may assist anyone:
 
 1. the decision threshold is chosen on the VALIDATION split, as the highest probability that
    still flags at least ``evaluate.target_recall`` of the osteoporosis cases (missing a case
-   costs more than a second look at a normal radiograph), with scikit-learn's ROC curve;
+   costs more than a second look at a normal radiograph), with scikit-learn's ROC curve. A
+   validation split holds few cases (about twenty in the demo), so the recall it shows at a
+   threshold is itself uncertain; with ``evaluate.threshold_confidence`` the threshold is the
+   highest at which the true recall reaches the target with that probability (Beta posterior
+   of the recall, uniform prior), rather than the highest at which the observed recall does;
 2. on the TEST split, at that threshold: accuracy, precision, recall, F1, specificity and ROC
    AUC (torchmetrics' functional metrics), each with a percentile bootstrap 95% confidence
    interval, and the confusion matrix (scikit-learn);
@@ -48,6 +52,7 @@ import torch
 from fairlearn.metrics import MetricFrame, selection_rate
 from matplotlib.figure import Figure
 from prefect import task
+from scipy import special
 from sklearn.metrics import (
     confusion_matrix,
     precision_recall_curve,
@@ -98,11 +103,15 @@ class EvaluationSettings:
 
     Attributes:
         target_recall: recall the threshold must reach on the validation split, in (0, 1].
+        threshold_confidence: probability with which the true recall must reach the target at
+            the chosen threshold, in [0.5, 1); None takes the observed validation recall as it
+            is.
         bootstrap: number of bootstrap resamples (0 disables the intervals).
         seed: seed of the bootstrap's random generator.
     """
 
     target_recall: float = 0.90
+    threshold_confidence: float | None = None
     bootstrap: int = 1000
     seed: int = 0
 
@@ -114,8 +123,10 @@ class EvaluationSettings:
             ConfigError: when a value is out of range.
         """
         block = params.get("evaluate") or {}
+        confidence = _optional_fraction(block.get("threshold_confidence"))
         settings = cls(
             target_recall=float(block.get("target_recall", cls.target_recall)),
+            threshold_confidence=confidence,
             bootstrap=int(block.get("bootstrap", cls.bootstrap)),
             seed=int(block.get("seed", cls.seed)),
         )
@@ -124,11 +135,28 @@ class EvaluationSettings:
                 f"params.yaml: evaluate.target_recall must be in (0, 1], "
                 f"got {settings.target_recall}"
             )
+        if confidence is not None and not 0.5 <= confidence < 1.0:
+            raise ConfigError(
+                "params.yaml: evaluate.threshold_confidence must be in [0.5, 1) or null, "
+                f"got {confidence}"
+            )
         if settings.bootstrap < 0:
             raise ConfigError(
                 f"params.yaml: evaluate.bootstrap must be >= 0, got {settings.bootstrap}"
             )
         return settings
+
+
+def _optional_fraction(value: Any) -> float | None:
+    """``evaluate.threshold_confidence`` as a number, or None when it is not set."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"params.yaml: evaluate.threshold_confidence must be a number or null, got {value!r}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -177,11 +205,14 @@ class ThresholdChoice:
         threshold: an image is flagged when its probability is >= this value.
         recall: recall reached on the validation split.
         specificity: specificity on the validation split at that threshold.
+        confidence: posterior probability that the true recall at that threshold reaches the
+            target (uniform prior), given the validation cases it flags.
     """
 
     threshold: float
     recall: float
     specificity: float
+    confidence: float
 
 
 @dataclass
@@ -236,7 +267,7 @@ def evaluate(layout: Layout, params: dict[str, Any]) -> EvaluationResult:
 
     # 2. Operating point on the validation split, measured on the test split.
     choice = choose_threshold(val["label"].to_numpy(), val["probability"].to_numpy(),
-                              settings.target_recall)
+                              settings.target_recall, settings.threshold_confidence)
     document = metrics_document(test, choice, settings)
     document["val"] |= {"n_images": len(val), "n_positive": int(val["label"].sum())}
 
@@ -290,7 +321,9 @@ def metrics_document(
     return {
         "threshold": _number(choice.threshold),
         "target_recall": settings.target_recall,
-        "val": {"recall": _number(choice.recall), "specificity": _number(choice.specificity)},
+        "threshold_confidence": settings.threshold_confidence,
+        "val": {"recall": _number(choice.recall), "specificity": _number(choice.specificity),
+                "recall_confidence": _number(choice.confidence)},
         "test": _named_numbers(threshold_metrics(labels, probabilities, choice.threshold))
         | {"n_images": len(test), "n_patients": int(test["patient_id"].nunique()),
            "n_positive": int(labels.sum())},
@@ -371,30 +404,43 @@ def _require_both_classes(frame: pd.DataFrame, split: str, path: Path) -> None:
 
 
 def choose_threshold(
-    labels: np.ndarray, probabilities: np.ndarray, target_recall: float
+    labels: np.ndarray, probabilities: np.ndarray, target_recall: float,
+    confidence: float | None = None,
 ) -> ThresholdChoice:
     """Choose the highest threshold whose recall reaches ``target_recall``.
 
     An image is flagged when its probability is >= the threshold. Candidates are the observed
     probabilities (scikit-learn's ``roc_curve``), whose recall never decreases as the
-    threshold falls, so the first candidate reaching the target is the highest.
+    threshold falls, so the first candidate meeting the rule is the highest.
+
+    Without ``confidence`` the rule is that the observed recall reaches the target. With it,
+    the rule is that the true recall does with at least that probability: flagging ``k`` of
+    the ``n`` cases gives the recall a Beta(k + 1, n - k + 1) posterior, whose mass above the
+    target must reach ``confidence``. When no threshold gives that confidence (very few
+    cases), the one flagging every case is taken.
 
     Args:
         labels: 1 for osteoporosis, 0 for normal; both classes must be present.
         probabilities: predicted P(osteoporosis).
         target_recall: recall to reach, in (0, 1].
+        confidence: required probability that the true recall reaches the target, or None.
 
     Returns:
-        The threshold with its recall and specificity on these labels.
+        The threshold with its recall, specificity and confidence on these labels.
     """
     fpr, tpr, thresholds = roc_curve(labels, probabilities, drop_intermediate=False)
-    index = int(np.argmax(tpr >= target_recall - 1e-12))
+    cases = int(np.sum(labels == 1))
+    flagged_cases = np.rint(tpr * cases)
+    posterior = special.betaincc(flagged_cases + 1, cases - flagged_cases + 1, target_recall)
+    meets = (tpr >= target_recall - 1e-12) if confidence is None else (posterior >= confidence)
+    index = int(np.argmax(meets)) if meets.any() else int(np.argmax(tpr >= 1.0))
     threshold = float(min(thresholds[index], 1.0))
     flagged = (probabilities >= threshold).astype(int)
     return ThresholdChoice(
         threshold=threshold,
         recall=float(recall_score(labels, flagged)),
         specificity=float(recall_score(labels, flagged, pos_label=0)),
+        confidence=float(posterior[index]),
     )
 
 

@@ -66,7 +66,8 @@ class GenerationSettings:
         patients: number of patients.
         images_per_patient: inclusive (min, max) radiographs per patient, min >= 1.
         image_size: (rows, columns) of each radiograph.
-        reader_error_rate: probability an accredited reader mislabels an image, in [0, 0.5).
+        reader_error_rate: share of images an accredited reader mislabels on average, in
+            [0, 0.5); errors fall on borderline T-scores (``osteo.synthetic.readers``).
         png_fraction: share of images written as 16-bit PNG instead of DICOM, in [0, 1].
         accredited_readers: identifiers of the accredited readers (at least two).
     """
@@ -230,7 +231,7 @@ def generate_export(
         patients: number of patients.
         images_per_patient: inclusive (min, max) radiographs per patient.
         image_size: (rows, columns) of each radiograph.
-        reader_error_rate: probability an accredited reader mislabels an image.
+        reader_error_rate: share of images an accredited reader mislabels on average.
         png_fraction: share of images written as 16-bit PNG.
         accredited_readers: accredited reader identifiers (two or more).
         truth_path: ground-truth CSV; default ``<out_dir>.truth.csv``. Must be outside
@@ -260,7 +261,7 @@ def generate_export(
     if write_images:
         _write_images(out_dir / "images", plan, people, studies, png_images, settings)
     cases = [Case(item.name, people[item.patient_index].ref,
-                  people[item.patient_index].true_label, people[item.patient_index].study_at)
+                  people[item.patient_index].t_score, people[item.patient_index].study_at)
              for item in plan]
     annotations = read_images(cases, settings.accredited_readers, reader_error_rate,
                               _stream(seed, _READERS))

@@ -133,18 +133,10 @@ def draw_patients(count: int, rng: np.random.Generator) -> list[Patient]:
     Returns:
         The patients, hospital references unique.
     """
-    # 1. Sex, age (right-skewed above 50), BMI (log-normal) and height (shrinking with age).
-    sex = np.where(rng.random(count) < FEMALE_SHARE, "F", "M")
-    age = np.minimum(50 + rng.gamma(2.2, 7.0, count), 95).astype(int)
-    bmi = np.round(np.clip(rng.lognormal(np.log(REFERENCE_BMI), 0.16, count), 16.0, 55.0), 1)
-    mean_height = np.where(sex == "F", 1.62, 1.76) - 0.0012 * (age - 50)
-    height = np.round(mean_height + rng.normal(0.0, 0.065, count), 2)
-    weight = np.round(bmi * height**2, 1)
+    # 1. Sex, age, BMI, height and weight, and the latent T-score.
+    sex, age, bmi, height, weight, t_score = draw_characteristics(count, rng)
 
-    # 2. Latent T-score: age, sex and BMI effects plus the individual term.
-    t_score = expected_t_score(age, sex, bmi) + rng.normal(0.0, T_INDIVIDUAL_SD, count)
-
-    # 3. Identity: unique references, names, study date and a birth date matching the age.
+    # 2. Identity: unique references, names, study date and a birth date matching the age.
     refs = rng.choice(9_000_000, size=count, replace=False) + 1_000_000
     patients = []
     for i in range(count):
@@ -164,6 +156,33 @@ def draw_patients(count: int, rng: np.random.Generator) -> list[Patient]:
             t_score=float(t_score[i]),
         ))
     return patients
+
+
+def draw_characteristics(
+    count: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Draw the bodily characteristics and latent T-scores of ``count`` screened patients.
+
+    Args:
+        count: number of patients.
+        rng: generator the draws come from.
+
+    Returns:
+        Arrays ``sex`` (``"F"``/``"M"``), ``age`` (whole years), ``bmi``, ``height`` (m),
+        ``weight`` (kg) and ``t_score``, one value per patient.
+    """
+
+    # 1. Sex, age (right-skewed above 50), BMI (log-normal) and height (shrinking with age).
+    sex = np.where(rng.random(count) < FEMALE_SHARE, "F", "M")
+    age = np.minimum(50 + rng.gamma(2.2, 7.0, count), 95).astype(int)
+    bmi = np.round(np.clip(rng.lognormal(np.log(REFERENCE_BMI), 0.16, count), 16.0, 55.0), 1)
+    mean_height = np.where(sex == "F", 1.62, 1.76) - 0.0012 * (age - 50)
+    height = np.round(mean_height + rng.normal(0.0, 0.065, count), 2)
+    weight = np.round(bmi * height**2, 1)
+
+    # 2. Latent T-score: age, sex and BMI effects plus the individual term.
+    t_score = expected_t_score(age, sex, bmi) + rng.normal(0.0, T_INDIVIDUAL_SD, count)
+    return sex, age, bmi, height, weight, t_score
 
 
 def birth_date_for_age(on: dt.date, age: int, days_past_birthday: int) -> dt.date:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 from sklearn.metrics import recall_score, roc_auc_score
 
 from osteo.config import ConfigError, load_params
@@ -22,6 +23,7 @@ from tasks.evaluate import (
     PREDICTIONS,
     TEST_METRICS,
     EvaluationError,
+    EvaluationSettings,
     bootstrap_intervals,
     choose_threshold,
     evaluate,
@@ -113,6 +115,39 @@ def test_threshold_is_the_highest_that_reaches_the_target_recall_on_val(target: 
     if higher.size:
         assert recall_score(labels, probabilities >= higher.min()) < target
     assert choice.recall == pytest.approx(recall_score(labels, probabilities >= choice.threshold))
+
+
+@pytest.mark.parametrize("confidence", [0.5, 0.7, 0.9])
+def test_threshold_with_a_confidence_is_the_highest_sure_enough_of_the_target(
+    confidence: float,
+) -> None:
+    """The true recall reaches the target with the asked probability (Beta posterior)."""
+    labels, probabilities = val_arrays()
+    cases = int(labels.sum())
+
+    def sureness(threshold: float) -> float:
+        caught = int(((probabilities >= threshold) & (labels == 1)).sum())
+        return float(stats.beta.sf(0.90, caught + 1, cases - caught + 1))
+
+    choice = choose_threshold(labels, probabilities, 0.90, confidence)
+
+    assert sureness(choice.threshold) >= confidence
+    assert choice.confidence == pytest.approx(sureness(choice.threshold))
+    higher = probabilities[probabilities > choice.threshold]
+    if higher.size:
+        assert sureness(higher.min()) < confidence
+    assert choice.threshold <= choose_threshold(labels, probabilities, 0.90).threshold
+
+
+def test_threshold_flags_every_case_when_the_confidence_cannot_be_reached() -> None:
+    """Three cases cannot show a recall of 0.9 with 90 % probability: none is missed."""
+    labels = np.array([1, 1, 1, 0, 0, 0, 0])
+    probabilities = np.array([0.9, 0.7, 0.4, 0.8, 0.3, 0.2, 0.1])
+
+    choice = choose_threshold(labels, probabilities, 0.90, 0.9)
+
+    assert choice.threshold == pytest.approx(0.4)
+    assert choice.recall == 1.0 and choice.confidence < 0.9
 
 
 def test_stage_reports_the_val_threshold_with_its_specificity(project_dir: Path) -> None:
@@ -287,6 +322,17 @@ def test_missing_criteria_is_a_config_error(project_dir: Path) -> None:
 
     with pytest.raises(ConfigError, match="criteria.min_auc"):
         evaluate.fn(Layout(project_dir), params)
+
+
+@pytest.mark.parametrize("confidence", [0.3, 1.0, "sure"])
+def test_unusable_threshold_confidence_is_a_config_error(
+    project_dir: Path, confidence: object
+) -> None:
+    params = evaluation_params(project_dir)
+    params["evaluate"]["threshold_confidence"] = confidence
+
+    with pytest.raises(ConfigError, match="evaluate.threshold_confidence"):
+        EvaluationSettings.from_params(params)
 
 
 # ---------------------------------------------------------------- bad input
