@@ -3,7 +3,8 @@
 Two areas, kept apart on purpose:
 
 ``work/``  local only, never cached or pushed by DVC: the ingested export still carries patient
-           names and references until the pseudonymise stage replaces them.
+           names and references until the pseudonymise stage replaces them, and the pixels
+           ingest decoded are keyed by export file name.
 ``data/``  pseudonymised outputs, tracked by DVC and pushed to the training store.
 ``reports/`` validation report and per-stage summaries, tracked by DVC too.
 
@@ -40,6 +41,10 @@ class Layout:
     @property
     def manifest(self) -> Path:
         return self.ingest_dir / "manifest.csv"
+
+    @property
+    def ingest_pixel_dir(self) -> Path:
+        return self.ingest_dir / "pixels"
 
     # pseudonymise
     @property

@@ -68,6 +68,12 @@ def read_shard(path: Path) -> np.lib.npyio.NpzFile:
     return np.load(path, allow_pickle=False)
 
 
+def shard_members(path: Path) -> list[str]:
+    """The image ids a shard holds, read from its index without loading any pixel."""
+    with read_shard(path) as shard:
+        return list(shard.files)
+
+
 def shard_paths(directory: Path) -> list[Path]:
     """The shards of a directory, in order."""
     return sorted(Path(directory).glob("shard-*.npz"))

@@ -9,8 +9,15 @@ detail naming its file and row, and the good records continue.
 Reads    the export directory ``export.path``: patients.csv, annotations.csv, images/
 Writes   work/ingest/records.parquet   one row per accepted image, identifiable (local only)
          work/ingest/manifest.csv      file, bytes, sha256 of every file of the export
+         work/ingest/pixels/shard-*    decoded stored values (uint16) by export file name
          data/quarantine/ingest.csv    every rejected record and annotation, with its reason
          reports/ingest.json           counts (unit ``record``), annotation and reader figures
+
+Each image file is read once, by a few threads: its bytes give the sha256, the header check,
+the decoded stored pixel values and their statistics (``osteo.radiograph``). The pixels go to
+local shards of ``preprocess.shard_size`` images, in file name order, for the pseudonymise stage
+to re-key by image id; no later stage reads the export's images again. The records carry the
+header's display attributes and the image statistics, nothing else of the header.
 
 What counts as a record: every file of images/, every image name that annotations.csv mentions
 but images/ lacks, and every patients.csv row no image refers to (including duplicate and
@@ -28,7 +35,7 @@ readers an image needs.
 
 Reason codes of images: ``not_an_image``, ``duplicate_file``, ``unreadable_dicom``,
 ``dicom_without_pixels``, ``truncated_image``, ``corrupt_image``, ``unsupported_image``,
-``no_annotation``, ``no_accredited_annotation``, ``no_valid_annotation``,
+``undecodable_pixels``, ``no_annotation``, ``no_accredited_annotation``, ``no_valid_annotation``,
 ``conflicting_patient_ref``, ``too_few_readers``, and the patient's own reason
 (``unknown_sex``, ``age_not_a_number``, ``bmi_not_a_number``). Of patient rows:
 ``patient_without_image``, ``duplicate_patient_ref``, ``missing_patient_ref``,
@@ -67,8 +74,21 @@ from pydicom.pixels import get_decoder
 
 from osteo.deid import BurnedInAnnotationError, check_burned_in_annotation
 from osteo.layout import Layout
+from osteo.parallel import ordered_map
 from osteo.progress import track
 from osteo.quarantine import Quarantine
+from osteo.radiograph import (
+    ATTRIBUTE_COLUMNS,
+    PNG_MODES,
+    STAT_COLUMNS,
+    Decoded,
+    DecodeError,
+    PixelEncoding,
+    decode_dicom,
+    decode_png,
+    image_statistics,
+)
+from osteo.shards import ShardWriter
 from osteo.summary import StageSummary
 
 logger = logging.getLogger(__name__)
@@ -83,16 +103,24 @@ LABELS = ("osteoporosis", "normal")
 SEXES = ("F", "M")
 TIE_LABEL = "osteoporosis"
 IMAGE_FORMATS = {".dcm": "dicom", ".png": "png"}
+INTEGER_COLUMNS = {"bits_stored", "rows", "columns", "height", "width", "min_side",
+                   "stored_min", "stored_max", "bits_used"}
+PIXEL_COLUMNS = (*ATTRIBUTE_COLUMNS, *STAT_COLUMNS)
 RECORD_SCHEMA = pa.schema([
     ("image", pa.string()), ("sha256", pa.string()), ("format", pa.string()),
     ("patient_ref", pa.string()), ("first_name", pa.string()), ("last_name", pa.string()),
     ("age", pa.float64()), ("sex", pa.string()), ("bmi", pa.float64()), ("label", pa.string()),
     ("n_readers", pa.int64()), ("reader_agreement", pa.float64()), ("birth_date", pa.string()),
+    *[(column, pa.string() if column in ("modality", "photometric")
+       else pa.int64() if column in INTEGER_COLUMNS else pa.float64())
+      for column in PIXEL_COLUMNS],
+    ("pixel_shard", pa.string()),
 ])
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_MODES = ("L", "I;16", "I;16B", "I;16L")
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+DEFAULT_SHARD_SIZE = 256
 _WORKERS = 4
+_MAX_DETAIL = 160
 _MAX_ROWS_IN_DETAIL = 10
 
 
@@ -128,7 +156,11 @@ class CsvTable:
 
 @dataclass(frozen=True)
 class ImageFile:
-    """One file of images/ after its header check; ``reason`` is empty when it is usable."""
+    """One file of images/ after its checks; ``reason`` is empty when it is usable.
+
+    ``pixels`` (display attributes and image statistics, ``PIXEL_COLUMNS``) and ``shard`` (the
+    local pixel shard holding its decoded values) are filled for usable images only.
+    """
 
     name: str
     size: int
@@ -137,6 +169,8 @@ class ImageFile:
     birth_date: str = ""
     reason: str = ""
     detail: str = ""
+    pixels: dict[str, Any] = field(default_factory=dict)
+    shard: str = ""
 
     @property
     def source(self) -> str:
@@ -250,44 +284,78 @@ def _check_columns(path: Path, header: list[str], columns: tuple[str, ...]) -> N
 # ---------------------------------------------------------------------------------- images
 
 
-def inspect_images(images_dir: Path) -> list[ImageFile]:
-    """Hash and check every file under images/, in file name order.
+def inspect_images(images_dir: Path, pixel_dir: Path, shard_size: int) -> list[ImageFile]:
+    """Hash, check and decode every file under images/, in file name order.
 
-    Each file is read once; its bytes give the sha256 and the header check. Files with the
-    same content as an earlier one (by name order) are marked ``duplicate_file``.
+    Each file is read once; its bytes give the sha256, the header check and the pixels, which
+    go to the local shards of ``pixel_dir`` under the file's name. Files with the same content
+    as an earlier one (by name order) are marked ``duplicate_file``.
 
     Args:
         images_dir: the export's images/ directory.
+        pixel_dir: work/ingest/pixels (old shards are removed).
+        shard_size: images per shard.
 
     Returns:
         One entry per file.
     """
     paths = sorted(path for path in images_dir.rglob("*") if path.is_file())
     names = [path.relative_to(images_dir).as_posix() for path in paths]
-    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-        files = list(track(pool.map(inspect_image, paths, names), "checking images",
-                           total=len(paths)))
+    files = []
+    with ShardWriter(pixel_dir, shard_size) as writer, \
+            ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        inspected = ordered_map(pool, inspect_image, paths, names, ahead=4 * _WORKERS)
+        for image, pixels in track(inspected, "checking and decoding images", total=len(paths)):
+            if pixels is not None:
+                image = replace(image, shard=writer.add(image.name, pixels))
+            files.append(image)
     return _mark_duplicates(files)
 
 
-def inspect_image(path: Path, name: str) -> ImageFile:
-    """Hash one file of images/ and check that it is a usable DICOM or PNG radiograph.
+def inspect_image(path: Path, name: str) -> tuple[ImageFile, Any]:
+    """Hash one file of images/, check that it is a usable radiograph and decode its pixels.
 
     Args:
         path: the file.
         name: its name relative to images/.
 
     Returns:
-        The file's size, sha256, format, DICOM birth date, and the reason it is unusable, if any.
+        The file's size, sha256, format, DICOM birth date, display attributes and statistics,
+        or the reason it is unusable; and its stored pixel values (uint16), or None when it
+        is unusable.
     """
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     image = ImageFile(name, len(data), digest, IMAGE_FORMATS.get(path.suffix.lower(), ""))
     if not image.format:
         detail = f"file type '{path.suffix or 'none'}' is not DICOM (.dcm) or PNG (.png)"
-        return replace(image, reason="not_an_image", detail=detail)
-    check = _check_png(data) if image.format == "png" else _check_dicom(data)
-    return replace(image, birth_date=check.birth_date, reason=check.reason, detail=check.detail)
+        return replace(image, reason="not_an_image", detail=detail), None
+    if image.format == "png":
+        check, dataset = _check_png(data), None
+    else:
+        check, dataset = _check_dicom(data)
+    image = replace(image, birth_date=check.birth_date, reason=check.reason, detail=check.detail)
+    if image.reason:
+        return image, None
+    try:
+        decoded = decode_png(data) if dataset is None else decode_dicom(dataset)
+    except DecodeError as error:
+        return replace(image, reason=error.reason, detail=error.detail), None
+    except Exception as error:  # noqa: BLE001 - any decoder failure on untrusted bytes
+        return replace(image, reason="undecodable_pixels", detail=_describe(error, path)), None
+    return replace(image, pixels=_pixel_fields(decoded)), decoded.pixels
+
+
+def _pixel_fields(decoded: Decoded) -> dict[str, Any]:
+    """Display attributes and statistics of a decoded image, as record fields."""
+    encoding = PixelEncoding.of(decoded.attributes)
+    return decoded.attributes | image_statistics(decoded.pixels, encoding)
+
+
+def _describe(error: Exception, path: Path) -> str:
+    """A decoder's message without the file's path."""
+    message = str(error).replace(str(path), "<file>")
+    return f"pixels cannot be decoded ({type(error).__name__}: {message})"[:_MAX_DETAIL]
 
 
 @dataclass(frozen=True)
@@ -315,31 +383,36 @@ def _check_png(data: bytes) -> HeaderCheck:
     return HeaderCheck()
 
 
-def _check_dicom(data: bytes) -> HeaderCheck:
+def _check_dicom(data: bytes) -> tuple[HeaderCheck, pydicom.Dataset | None]:
+    """Parse a DICOM file and check it holds one usable grayscale radiograph.
+
+    Returns:
+        The check, and the parsed dataset when the file could be parsed.
+    """
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
     except Exception as error:  # noqa: BLE001 - any parse failure of untrusted bytes is "unreadable"
         detail = f"not a readable DICOM file ({type(error).__name__})"
-        return HeaderCheck("unreadable_dicom", detail)
+        return HeaderCheck("unreadable_dicom", detail), None
     birth_date = str(dataset.get("PatientBirthDate", "") or "")
     if "PixelData" not in dataset:
         detail = "DICOM file has no Pixel Data element (header only, or truncated)"
-        return HeaderCheck("dicom_without_pixels", detail, birth_date)
+        return HeaderCheck("dicom_without_pixels", detail, birth_date), dataset
     problem = _unsupported_dicom(dataset)
     if problem:
-        return HeaderCheck("unsupported_image", problem, birth_date)
+        return HeaderCheck("unsupported_image", problem, birth_date), dataset
     try:
         check_burned_in_annotation(dataset)
     except BurnedInAnnotationError as refused:
         detail = "the image may show text burned into its pixels (Burned In Annotation)"
-        return HeaderCheck(refused.reason, detail, birth_date)
+        return HeaderCheck(refused.reason, detail, birth_date), dataset
     expected = _native_pixel_bytes(dataset)
     found = len(dataset.PixelData)
     if expected and found < expected:
         detail = (f"Pixel Data holds {found} bytes but {dataset.Rows}x{dataset.Columns} pixels "
                   f"of {dataset.BitsAllocated} bits need {expected}")
-        return HeaderCheck("truncated_image", detail, birth_date)
-    return HeaderCheck(birth_date=birth_date)
+        return HeaderCheck("truncated_image", detail, birth_date), dataset
+    return HeaderCheck(birth_date=birth_date), dataset
 
 
 def _unsupported_dicom(dataset: pydicom.Dataset) -> str:
@@ -622,6 +695,7 @@ def judge_image(
         "last_name": patient.values["last_name"], "age": patient.age, "sex": patient.sex,
         "bmi": patient.bmi, "label": label, "n_readers": len(latest),
         "reader_agreement": agreement, "birth_date": image.birth_date,
+        **image.pixels, "pixel_shard": image.shard,
     }
     return Verdict(record=record, used=latest, superseded=superseded)
 
@@ -717,8 +791,10 @@ def ingest(layout: Layout, params: dict[str, Any]) -> StageSummary:
     patients_table = read_table(export_dir / PATIENTS_CSV, PATIENT_COLUMNS)
     annotations_table = read_table(export_dir / ANNOTATIONS_CSV, ANNOTATION_COLUMNS)
 
-    # 2. Every image read once: sha256, header check, duplicates; manifest of all files.
-    images = inspect_images(export_dir / IMAGES_DIR)
+    # 2. Every image read once: sha256, header check, pixels and their statistics,
+    #    duplicates; manifest of all files.
+    shard_size = int((params.get("preprocess") or {}).get("shard_size", DEFAULT_SHARD_SIZE))
+    images = inspect_images(export_dir / IMAGES_DIR, layout.ingest_pixel_dir, shard_size)
     files_listed = write_manifest(export_dir, images, layout.manifest)
 
     # 3. Patients and annotations parsed; rows that can never join are quarantined.
@@ -866,7 +942,7 @@ def write_records(records: list[dict[str, Any]], path: Path) -> None:
 def _outputs(layout: Layout) -> dict[str, str]:
     paths = {
         "records": layout.ingested_records, "manifest": layout.manifest,
-        "quarantine": layout.quarantine(STAGE),
+        "pixels": layout.ingest_pixel_dir, "quarantine": layout.quarantine(STAGE),
     }
     return {name: path.relative_to(layout.root).as_posix() for name, path in paths.items()}
 

@@ -33,6 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from prefect import task
 
 from osteo.config import ConfigError
 from osteo.layout import Layout
+from osteo.parallel import ordered_map
 from osteo.progress import track
 from osteo.quarantine import Quarantine
 from osteo.shards import ShardWriter, read_shard
@@ -60,6 +62,8 @@ PERCENTILE_WINDOW = (0.5, 99.5)
 PERCENTILE_SAMPLE_PIXELS = 1 << 18
 # A windowed image whose values span less than this is blank for the model.
 UNIFORM_SPAN = 1e-3
+BATCH_IMAGES = 32  # images per unit of work of the thread pool
+_WORKERS = 2       # one thread per core: resizing and windowing release the interpreter lock
 PREPARED_COLUMNS = ["image_id", "patient_id", "age", "sex", "bmi", "label", "shard"]
 REQUIRED_COLUMNS = [
     *PREPARED_COLUMNS, "photometric", "rescale_slope", "rescale_intercept",
@@ -336,13 +340,18 @@ def preprocess(layout: Layout, params: dict[str, Any]) -> StageSummary:
                                "validate")
     quarantine = Quarantine(STAGE)
 
-    # 2. Prepare the images shard by shard: each raw shard is opened once.
+    # 2. Prepare the images a batch at a time, a few batches at once (see osteo.parallel);
+    #    the results are written in the records' order.
     prepared: list[dict[str, Any]] = []
-    with single_threaded(), ShardWriter(layout.prepared_pixel_dir, shard_size) as writer:
-        groups = records.groupby("shard", sort=True, dropna=False)
-        for shard_name, group in track(groups, "preprocessing shards", total=groups.ngroups):
-            source = layout.raw_pixel_dir / str(shard_name)
-            for record, outcome in prepare_shard(source, group, size):
+    batches = list(_batches(layout.raw_pixel_dir, records))
+    with single_threaded(), ShardWriter(layout.prepared_pixel_dir, shard_size) as writer, \
+            ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        outcomes = ordered_map(pool, prepare_shard, [source for source, _ in batches],
+                               [batch for _, batch in batches], [size] * len(batches),
+                               ahead=2 * _WORKERS)
+        for (source, _), results in zip(batches, track(outcomes, "preprocessing images",
+                                                       total=len(batches)), strict=True):
+            for record, outcome in results:
                 if isinstance(outcome, ImageRejected):
                     quarantine.add(str(source.relative_to(layout.root)), outcome.reason,
                                    outcome.detail, record_id=record["image_id"])
@@ -361,14 +370,21 @@ def _setting(params: dict[str, Any], key: str) -> int:
     return value
 
 
+def _batches(pixel_dir: Path, records: pd.DataFrame) -> Iterator[tuple[Path, pd.DataFrame]]:
+    """The records in batches of at most ``BATCH_IMAGES``, each from one raw pixel shard."""
+    for shard_name, group in records.groupby("shard", sort=True, dropna=False):
+        for start in range(0, len(group), BATCH_IMAGES):
+            yield pixel_dir / str(shard_name), group.iloc[start:start + BATCH_IMAGES]
+
+
 def prepare_shard(
     source: Path, records: pd.DataFrame, size: int
 ) -> list[tuple[dict[str, Any], np.ndarray | ImageRejected]]:
-    """Prepare the images of one raw pixel shard.
+    """Prepare images of one raw pixel shard.
 
     Args:
         source: the raw shard file.
-        records: the validated records whose pixels are in ``source``.
+        records: validated records whose pixels are in ``source``.
         size: side of the square output, in pixels.
 
     Returns:

@@ -10,20 +10,19 @@ features. A record that fails is quarantined with the reason of the first expect
 stops the run; only a table that does not have the pseudonymised columns does.
 
 Reads:
-    ``data/pseudonymised/records.parquet`` and ``data/pseudonymised/pixels/shard-*.npz``
-    (raw uint16 stored values), ``expectations/records.json`` and ``expectations/images.json``
-    (or the directory named by params ``validate.suites``).
+    ``data/pseudonymised/records.parquet`` (with the image statistics ingest measured when it
+    decoded each radiograph, ``osteo.radiograph``), the member list of
+    ``data/pseudonymised/pixels/shard-*`` (not the pixels themselves),
+    ``expectations/records.json`` and ``expectations/images.json`` (or the directory named by
+    params ``validate.suites``).
 Writes:
     ``data/validated/records.parquet`` (accepted records and their image statistics),
     ``data/quarantine/validate.csv``, ``reports/validate.json`` (stage summary) and
     ``reports/validation.html`` (the report a data engineer reads).
 
-Per-image statistics are computed in one pass over the shards. Extremes (minimum, maximum, bits
-used) come from every pixel; mean, spread, percentiles, saturation shares and texture from a
-strided subsample of about 16 000 pixels (``np.partition``, no sort), so statistics cost under a
-millisecond for a 512 x 416 image and a few for a 2500 x 2000 one. ``*_norm`` statistics are
-fractions of the stored range ``2**bits_stored - 1`` in the MONOCHROME2 convention (bright =
-bone), so MONOCHROME1 images compare with the others.
+The statistics are measured where the pixels are decoded, once per image at ingest, and judged
+here; a record without statistics, or whose image id is absent from its shard, is quarantined
+(``image_unusable``, ``image_missing``).
 
 Great Expectations is imported only when the stage runs: the import alone takes about 2 s, the
 fixed cost of this stage (``timings.gx_setup_seconds`` in ``reports/validate.json``).
@@ -49,9 +48,9 @@ from prefect import task
 
 from osteo.config import PACKAGE_ROOT, ConfigError
 from osteo.layout import Layout
-from osteo.progress import track
 from osteo.quarantine import Quarantine
-from osteo.shards import iter_images
+from osteo.radiograph import STAT_COLUMNS
+from osteo.shards import shard_members, shard_paths
 from osteo.summary import StageSummary
 
 logger = logging.getLogger(__name__)
@@ -59,18 +58,11 @@ logger = logging.getLogger(__name__)
 STAGE = "validate"
 SUITES_DIR = PACKAGE_ROOT / "expectations"
 
-SAMPLE_PIXELS = 16_384          # pixels of the strided subsample: moments, percentiles, texture
 MAD_SCALE = 1.4826              # MAD x 1.4826 estimates the standard deviation of a normal law
 MIN_OUTLIER_SAMPLE = 10         # fewer accepted records than this: no outlier rejection
 OUTLIER_FEATURES = ("mean_norm", "std_norm", "p01_norm", "p99_norm", "aspect", "age", "bmi")
 REPORTED_OUTLIERS = 200         # rows of the outlier table in the HTML report
 
-STAT_COLUMNS = (
-    "height", "width", "min_side", "aspect", "stored_min", "stored_max", "bits_used",
-    "pixel_min", "pixel_max", "pixel_mean", "pixel_std", "pixel_p01", "pixel_p99",
-    "frac_at_min", "frac_at_max", "frac_dark", "frac_bright",
-    "mean_norm", "std_norm", "p01_norm", "p99_norm", "dynamic_range", "texture",
-)
 
 
 class ValidateError(Exception):
@@ -80,177 +72,35 @@ class ValidateError(Exception):
 # ---------------------------------------------------------------- per-image statistics
 
 
-@dataclass(frozen=True)
-class PixelEncoding:
-    """How a record says its stored pixel values are to be read."""
-
-    bits_stored: int = 16
-    slope: float = 1.0
-    intercept: float = 0.0
-    monochrome1: bool = False
-
-    @property
-    def full_scale(self) -> float:
-        return float(2**self.bits_stored - 1)
-
-
-def _subsample(pixels: np.ndarray) -> np.ndarray:
-    """A strided view keeping about ``SAMPLE_PIXELS`` pixels spread over the whole image."""
-    # Limitation: a regular grid can alias with periodic patterns (anti-scatter grid lines),
-    # biasing percentiles and texture slightly on such images; extremes are exact regardless.
-    step = max(1, math.ceil(math.sqrt(pixels.size / SAMPLE_PIXELS)))
-    return pixels[::step, ::step]
-
-
-def image_statistics(pixels: np.ndarray, encoding: PixelEncoding) -> dict[str, float]:
-    """Compute the statistics of one radiograph, cheaply.
-
-    Args:
-        pixels: 2-D array of raw stored values (unsigned integers).
-        encoding: bits stored, rescale slope and intercept, photometric interpretation.
-
-    Returns:
-        One value per name of ``STAT_COLUMNS``. ``pixel_*`` values are in rescaled (modality)
-        units; ``*_norm``, ``dynamic_range`` and ``texture`` are fractions of the stored range
-        in the MONOCHROME2 convention; ``frac_*`` are shares of pixels at the image's extremes.
-    """
-
-    # 1. Extremes over every pixel: a single hot pixel decides the bits used.
-    low, high = int(pixels.min()), int(pixels.max())
-
-    # 2. Moments, percentiles and saturation on the strided subsample.
-    sample = _subsample(pixels)
-    flat = sample.ravel()
-    k01, k99 = int(0.01 * (flat.size - 1)), int(0.99 * (flat.size - 1))
-    ordered = np.partition(flat, (k01, k99))
-    p01, p99 = float(ordered[k01]), float(ordered[k99])
-    mean, std = float(flat.mean(dtype=np.float64)), float(flat.std(dtype=np.float64))
-    at_min = np.count_nonzero(flat == low) / flat.size
-    at_max = np.count_nonzero(flat == high) / flat.size
-
-    # 3. Rescaled values, then display-normalised values (MONOCHROME1 inverted).
-    height, width = pixels.shape
-    stats = {
-        "height": height, "width": width, "min_side": min(height, width),
-        "aspect": min(height, width) / max(height, width),
-        "stored_min": low, "stored_max": high, "bits_used": high.bit_length(),
-        "frac_at_min": at_min, "frac_at_max": at_max,
-    }
-    stats |= _rescaled(encoding, low, high, p01, p99, mean, std)
-    stats |= _normalised(encoding, p01, p99, mean, std, at_min, at_max)
-    stats["texture"] = _texture(sample) / encoding.full_scale
-    return stats
-
-
-def _texture(sample: np.ndarray) -> float:
-    """Mean absolute difference between horizontal neighbours of the subsample."""
-    if sample.shape[1] < 2:
-        return 0.0
-    return float(np.abs(np.diff(sample.astype(np.int32), axis=1)).mean())
-
-
-def _rescaled(
-    encoding: PixelEncoding, low: float, high: float, p01: float, p99: float, mean: float,
-    std: float,
-) -> dict[str, float]:
-    """Apply the rescale slope and intercept; a negative slope swaps the extremes."""
-    def rescale(value: float) -> float:
-        return encoding.slope * value + encoding.intercept
-
-    pixel_min, pixel_max = sorted((rescale(low), rescale(high)))
-    pixel_p01, pixel_p99 = sorted((rescale(p01), rescale(p99)))
-    return {
-        "pixel_min": pixel_min, "pixel_max": pixel_max, "pixel_p01": pixel_p01,
-        "pixel_p99": pixel_p99, "pixel_mean": rescale(mean),
-        "pixel_std": abs(encoding.slope) * std,
-    }
-
-
-def _normalised(
-    encoding: PixelEncoding, p01: float, p99: float, mean: float, std: float, at_min: float,
-    at_max: float,
-) -> dict[str, float]:
-    """Express stored values as fractions of the stored range, bright = bone."""
-    scale = encoding.full_scale
-
-    def display(value: float) -> float:
-        return 1.0 - value / scale if encoding.monochrome1 else value / scale
-
-    p01_norm, p99_norm = sorted((display(p01), display(p99)))
-    dark, bright = (at_max, at_min) if encoding.monochrome1 else (at_min, at_max)
-    return {
-        "mean_norm": display(mean), "std_norm": std / scale, "p01_norm": p01_norm,
-        "p99_norm": p99_norm, "dynamic_range": p99_norm - p01_norm,
-        "frac_dark": dark, "frac_bright": bright,
-    }
-
-
-def _encodings(records: pd.DataFrame) -> dict[str, PixelEncoding]:
-    """The pixel encoding of each record, with safe defaults where a field is unusable.
-
-    Records with unusable fields are quarantined by the records suite; the defaults only let
-    their statistics be computed without error.
-    """
-    encodings: dict[str, PixelEncoding] = {}
-    columns = ("image_id", "bits_stored", "rescale_slope", "rescale_intercept", "photometric")
-    for image_id, bits, slope, intercept, photometric in records[list(columns)].itertuples(
-        index=False
-    ):
-        if not isinstance(image_id, str):
-            continue
-        bits_ok = pd.notna(bits) and 1 <= bits <= 16
-        encodings[image_id] = PixelEncoding(
-            bits_stored=int(bits) if bits_ok else 16,
-            slope=float(slope) if pd.notna(slope) and slope != 0 else 1.0,
-            intercept=float(intercept) if pd.notna(intercept) else 0.0,
-            monochrome1=photometric == "MONOCHROME1",
-        )
-    return encodings
-
-
-def compute_statistics(
+def recorded_statistics(
     records: pd.DataFrame, pixel_dir: Path,
 ) -> tuple[pd.DataFrame, dict[str, str], int]:
-    """Read every shard once and compute the statistics of each recorded image.
+    """The statistics of each recorded image, and whether its pixels are in the shards.
+
+    Only the shards' member lists are read, not their pixels: the statistics were measured
+    when ingest decoded the images.
 
     Args:
-        records: the pseudonymised records (image_id, bits_stored, rescale_slope,
-            rescale_intercept, photometric are used).
+        records: the pseudonymised records (image_id and ``STAT_COLUMNS``).
         pixel_dir: the directory of raw pixel shards.
 
     Returns:
-        The statistics indexed by image id (columns ``STAT_COLUMNS``), the images whose pixels
-        cannot be used with the reason why (image id -> sentence), and the number of images in
-        the shards that no record names.
+        The statistics indexed by image id (columns ``STAT_COLUMNS``) of the images whose
+        pixels are stored; the images with pixels but no usable statistics, with the reason
+        why (image id -> sentence); and the number of images in the shards that no record names.
     """
-    encodings = _encodings(records)
-    rows: dict[str, dict[str, float]] = {}
-    unusable: dict[str, str] = {}
-    orphans = 0
-    for image_id, pixels in track(iter_images(pixel_dir), "image statistics", len(encodings)):
-        encoding = encodings.get(image_id)
-        if encoding is None:
-            orphans += 1
-            continue
-        # Limitation: an image id present in two shards is measured twice; the last one wins.
-        problem = _pixel_problem(pixels)
-        if problem:
-            unusable[image_id] = problem
-            continue
-        rows[image_id] = image_statistics(pixels, encoding)
-    stats = pd.DataFrame.from_dict(rows, orient="index", columns=list(STAT_COLUMNS))
-    return stats.rename_axis("image_id"), unusable, orphans
-
-
-def _pixel_problem(pixels: np.ndarray) -> str:
-    """Why a pixel array cannot be a raw radiograph, or an empty string when it can."""
-    if pixels.ndim != 2:
-        return f"pixel array has {pixels.ndim} dimensions, expected 2"
-    if pixels.dtype.kind != "u":
-        return f"pixel array has dtype {pixels.dtype}, expected unsigned integers"
-    if pixels.size == 0:
-        return "pixel array is empty"
-    return ""
+    stored = {image_id for path in shard_paths(pixel_dir) for image_id in shard_members(path)}
+    columns = [column for column in STAT_COLUMNS if column in records.columns]
+    named = records[records["image_id"].map(lambda value: isinstance(value, str))]
+    stats = named.drop_duplicates("image_id").set_index("image_id")[columns]
+    stats = stats.reindex(columns=list(STAT_COLUMNS))[stats.index.isin(stored)]
+    incomplete = stats.isna().any(axis=1)
+    unusable = {
+        str(image_id): "no image statistics were measured for these pixels"
+        for image_id in stats.index[incomplete]
+    }
+    orphans = len(stored - set(named["image_id"]))
+    return stats[~incomplete], unusable, orphans
 
 
 # ---------------------------------------------------------------- expectation suites
@@ -817,12 +667,12 @@ class _StageRun:
             self.fail(label, reason, detail, str(self.pixel_sources[label]))
 
     def image_frame(self, stats: pd.DataFrame) -> pd.DataFrame:
-        """Records with pixels: header fields and statistics, indexed by record position."""
-        header = self.records[["image_id", "bits_stored", "rows", "columns"]]
-        return header[header["image_id"].isin(stats.index)].join(stats, on="image_id")
+        """Records with usable statistics: header fields and statistics, by record position."""
+        columns = ["image_id", "bits_stored", "rows", "columns", *STAT_COLUMNS]
+        return self.records.loc[self.records["image_id"].isin(stats.index), columns]
 
     def reject_outliers(
-        self, stats: pd.DataFrame, threshold: float,
+        self, threshold: float,
     ) -> tuple[pd.DataFrame, list[FeatureSpread], list[tuple[str, str, float, float]]]:
         """Quarantine the outliers among the records that passed every check so far.
 
@@ -830,7 +680,7 @@ class _StageRun:
             The accepted records with their statistics, each feature's spread, and one
             ``(image_id, feature, value, z)`` row per outlier for its worst feature.
         """
-        passed = self.records.drop(index=list(self.failures)).join(stats, on="image_id")
+        passed = self.records.drop(index=list(self.failures))
         outliers, spreads = find_outliers(passed, OUTLIER_FEATURES, threshold)
         rows = []
         for label, items in outliers.items():
@@ -888,9 +738,9 @@ def validate(layout: Layout, params: dict[str, Any]) -> StageSummary:
                     pd.Series(run.records_source, index=run.records.index), run.records_source)
     timings["records_suite_seconds"] = time.perf_counter() - mark
 
-    # 2. Per-image statistics in one pass over the shards.
+    # 2. Per-image statistics, for the images whose pixels are stored.
     mark = time.perf_counter()
-    stats, unusable, orphans = compute_statistics(run.records, layout.raw_pixel_dir)
+    stats, unusable, orphans = recorded_statistics(run.records, layout.raw_pixel_dir)
     run.pixel_failures(stats, unusable)
     timings["statistics_seconds"] = time.perf_counter() - mark
     if orphans:
@@ -903,7 +753,7 @@ def validate(layout: Layout, params: dict[str, Any]) -> StageSummary:
     timings["images_suite_seconds"] = time.perf_counter() - mark
 
     # 4. Robust outlier rejection over the records that passed both suites.
-    accepted, spreads, outlier_rows = run.reject_outliers(stats, settings["outlier_z"])
+    accepted, spreads, outlier_rows = run.reject_outliers(settings["outlier_z"])
 
     # 5. Outputs: validated records, quarantine, summary, HTML report.
     summary = _write_outputs(layout, accepted, run.quarantine(), len(run.records))

@@ -9,14 +9,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pydicom
 import pytest
+from PIL import Image
 
 from osteo.config import load_params
 from osteo.layout import Layout
+from osteo.shards import iter_images, shard_paths
 from osteo.summary import StageSummary
 from tasks.ingest import ExportError, consensus, ingest
 from tests.exports import (
@@ -28,6 +34,8 @@ from tests.exports import (
     default_images,
     default_patients,
     make_dicom,
+    png_bytes,
+    sample_pixels,
     write_csv,
     write_export,
 )
@@ -227,6 +235,56 @@ def test_corrupt_png_is_quarantined(project_dir: Path) -> None:
 
     assert single(result.rejected("corrupt_image"))["source"] == "images/IMG0004.png"
     assert result.summary.accepted == 4
+
+
+def png_with_corrupt_pixel_stream(pixels: np.ndarray) -> bytes:
+    """A PNG whose chunks and checksums are intact but whose compressed pixels are garbage."""
+    blob = png_bytes(pixels)
+    chunks, position = [blob[:8]], 8
+    while position < len(blob):
+        length, kind = struct.unpack(">I4s", blob[position:position + 8])
+        data = blob[position + 8:position + 8 + length]
+        if kind == b"IDAT":
+            data = b"\x78\x9c" + bytes(range(7, 7 + 200))
+        checksum = struct.pack(">I", zlib.crc32(kind + data))
+        chunks.append(struct.pack(">I", len(data)) + kind + data + checksum)
+        position += 12 + length
+    return b"".join(chunks)
+
+
+def test_image_whose_pixels_cannot_be_decoded_is_quarantined(project_dir: Path) -> None:
+    """The header is sound, so only decoding the pixels finds the fault."""
+    export = make_export(project_dir)
+    path = export.images_dir / "IMG0004.png"
+    path.write_bytes(png_with_corrupt_pixel_stream(sample_pixels(seed=4)))
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("undecodable_pixels"))
+    assert rejection["source"] == "images/IMG0004.png"
+    assert rejection["detail"].startswith("pixels cannot be decoded")
+    assert result.summary.accepted == 4
+    assert "IMG0004.png" not in set(result.records["image"])
+
+
+def test_decoded_pixels_and_their_statistics_are_kept_for_the_next_stage(
+    project_dir: Path,
+) -> None:
+    export = make_export(project_dir)
+
+    result = run_ingest(project_dir)
+
+    pixel_dir = Layout(project_dir).ingest_pixel_dir
+    stored = dict(iter_images(pixel_dir))
+    for spec in export.images:
+        record = result.record(spec.name)
+        path = export.images_dir / spec.name
+        expected = (pydicom.dcmread(path).pixel_array if spec.format == "dicom"
+                    else np.asarray(Image.open(path)))
+        np.testing.assert_array_equal(stored[spec.name], expected)
+        assert record["pixel_shard"] in {p.name for p in shard_paths(pixel_dir)}
+        assert (record["height"], record["width"]) == expected.shape
+        assert record["stored_max"] == expected.max()
 
 
 def test_non_image_file_in_images_is_quarantined(project_dir: Path) -> None:

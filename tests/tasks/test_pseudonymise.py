@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import logging
 import re
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from tasks.pseudonymise import (
     pseudonymise,
     translate_ground_truth,
 )
-from tests.exports import Export, png_bytes, sample_pixels, write_csv, write_export
+from tests.exports import Export, sample_pixels, write_csv, write_export
 
 
 @dataclass
@@ -90,21 +88,6 @@ def readable_text(path: Path) -> str:
         table = pq.read_table(io.BytesIO(blob))
         return table.to_pandas().to_csv() + str(table.schema.metadata)
     return blob.decode("utf-8", errors="replace")
-
-
-def png_with_corrupt_pixel_stream(pixels: np.ndarray) -> bytes:
-    """A PNG whose chunks and checksums are intact but whose compressed pixels are garbage."""
-    blob = png_bytes(pixels)
-    chunks, position = [blob[:8]], 8
-    while position < len(blob):
-        length, kind = struct.unpack(">I4s", blob[position:position + 8])
-        data = blob[position + 8:position + 8 + length]
-        if kind == b"IDAT":
-            data = b"\x78\x9c" + bytes(range(7, 7 + 200))
-        checksum = struct.pack(">I", zlib.crc32(kind + data))
-        chunks.append(struct.pack(">I", len(data)) + kind + data + checksum)
-        position += 12 + length
-    return b"".join(chunks)
 
 
 # ---------------------------------------------------------------------------------- outputs
@@ -240,34 +223,32 @@ def test_nothing_under_data_and_reports_holds_a_name_reference_or_birth_date(
 
 
 @pytest.mark.s3
-def test_image_whose_pixels_cannot_be_decoded_is_quarantined(
+def test_pixels_lost_after_ingest_are_quarantined_by_image_id(
     s3_env: EmbeddedS3, project: Project
 ) -> None:
-    path = project.export.images_dir / "IMG0004.png"
-    path.write_bytes(png_with_corrupt_pixel_stream(sample_pixels(seed=4)))
-    assert project.ingest().accepted == 5  # the header check cannot see it
+    project.ingest()
+    shard = pd.read_parquet(project.layout.ingested_records).set_index("image")
+    (project.layout.ingest_pixel_dir / shard.at["IMG0005.dcm", "pixel_shard"]).unlink()
 
     summary = project.pseudonymise()
 
     quarantine = pd.read_csv(project.layout.quarantine("pseudonymise"))
-    rejection = quarantine.iloc[0]
-    assert len(quarantine) == 1 and rejection["reason"] == "undecodable_pixels"
-    assert rejection["record_id"] == project.image_map()["IMG0004.png"]
-    assert "IMG0004" not in rejection["detail"]
-    assert summary.quarantined == {"undecodable_pixels": 1} and summary.accepted == 4
-    assert rejection["record_id"] not in set(project.records()["image_id"])
+    assert summary.quarantined == {"missing_pixels": 1} and summary.accepted == 4
+    assert list(quarantine["record_id"]) == [project.image_map()["IMG0005.dcm"]]
+    assert "IMG000" not in quarantine.to_csv()
+    assert project.image_map()["IMG0005.dcm"] not in set(project.records()["image_id"])
 
 
 @pytest.mark.s3
-def test_image_changed_since_ingest_is_quarantined(s3_env: EmbeddedS3, project: Project) -> None:
+def test_the_export_images_are_not_read_again(s3_env: EmbeddedS3, project: Project) -> None:
+    """Ingest decoded each image once; pseudonymise works from its local shards only."""
     project.ingest()
-    path = project.export.images_dir / "IMG0005.dcm"
-    path.write_bytes(path.read_bytes()[:-2] + b"\x01\x02")
+    for path in project.export.images_dir.iterdir():
+        path.unlink()
 
     summary = project.pseudonymise()
 
-    assert summary.quarantined == {"changed_since_ingest": 1}
-    assert project.image_map()["IMG0005.dcm"] not in set(project.records()["image_id"])
+    assert summary.accepted == 5 and summary.quarantined == {}
 
 
 # ---------------------------------------------------------------------------------- oracle

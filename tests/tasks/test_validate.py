@@ -15,14 +15,13 @@ import pytest
 
 from osteo.config import load_params
 from osteo.layout import Layout
+from osteo.radiograph import PixelEncoding, image_statistics
 from osteo.shards import ShardWriter
 from osteo.summary import StageSummary
 from tasks.validate import (
     SUITES_DIR,
-    PixelEncoding,
     ValidateError,
     find_outliers,
-    image_statistics,
     load_suite,
     robust_z_scores,
     validate,
@@ -78,7 +77,9 @@ def build_project(
 ) -> Layout:
     """Write records.parquet and pixel shards: ``good`` valid records plus named defects.
 
-    Each defect is ``(record changes, image maker)``; a None image maker writes no pixels.
+    Each defect is ``(record changes, image maker)``; a None image maker writes no pixels (the
+    record keeps the statistics of an ordinary radiograph, as if its pixels were lost after
+    ingest measured them). Statistics are measured as ingest measures them.
     """
     rng = np.random.default_rng(5)
     layout = Layout(root)
@@ -88,10 +89,11 @@ def build_project(
         makers += list(defects.values())
         for number, (changes, maker) in enumerate(makers):
             fields = record(number, rng, **changes)
+            pixels = (maker or radiograph)(rng)
+            if fields["photometric"] == "MONOCHROME1":
+                pixels = 4095 - pixels
+            fields |= image_statistics(pixels, PixelEncoding.of(fields))
             if maker is not None:
-                pixels = maker(rng)
-                if fields["photometric"] == "MONOCHROME1":
-                    pixels = 4095 - pixels
                 fields["shard"] = writer.add(fields["image_id"], pixels)
             else:
                 fields["shard"] = "shard-00000.npz"
