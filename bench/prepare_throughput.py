@@ -2,7 +2,9 @@
 preparation to a bare decode-and-resize loop over the same files (target: at most 1.3).
 
 The bare loop is what any preparation must do at the very least: read each export file, decode
-its pixels and resize them with the same antialiased bilinear resize the pipeline uses. The
+its pixels and resize them with the same antialiased bilinear resize the pipeline uses, in one
+thread. The stages use a few threads for their per-image work; the CPU seconds (of every
+thread of the process) show what that work costs apart from its spread over the cores. The
 stages are run in-process through the same functions the Prefect tasks and ``dvc repro`` call,
 against a real embedded SeaweedFS server (the pseudonymise stage writes the identity vault).
 With ``--flow`` the whole Prefect flow (with DVC commit, without push) is timed as well, to show
@@ -33,31 +35,33 @@ from osteo.runtime import prepare_environment, set_param
 from osteo.seaweed import EmbeddedS3
 
 
-def bare_decode_and_resize(images: list[Path], size: int) -> float:
-    """Seconds to decode every file and resize it, nothing else (the lower bound)."""
-    from tasks.preprocess import resize_bilinear
+def bare_decode_and_resize(images: list[Path], size: int) -> tuple[float, float]:
+    """Wall and CPU seconds to decode every file and resize it, nothing else, in one loop."""
+    from tasks.preprocess import resize_bilinear, single_threaded
 
-    started = time.perf_counter()
-    for path in images:
-        if path.suffix == ".dcm":
-            pixels = pydicom.dcmread(path).pixel_array
-        else:
-            with Image.open(path) as image:
-                pixels = np.asarray(image)
-        resize_bilinear(pixels.astype(np.float32), size)
-    return time.perf_counter() - started
+    started, cpu = time.perf_counter(), time.process_time()
+    with single_threaded():
+        for path in images:
+            if path.suffix == ".dcm":
+                pixels = pydicom.dcmread(path).pixel_array
+            else:
+                with Image.open(path) as image:
+                    pixels = np.asarray(image)
+            resize_bilinear(pixels.astype(np.float32), size)
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
-def run_stages(project: Path) -> list[tuple[str, int, float]]:
-    """Run every data stage once; returns (stage, records in, seconds) per stage."""
+def run_stages(project: Path) -> list[tuple[str, int, float, float]]:
+    """Run every data stage once; returns (stage, records in, wall s, CPU s) per stage."""
     from flows.prepare import DATA_STAGES
 
     layout, params = Layout(project), load_params(project)
     timings = []
     for name, stage in DATA_STAGES.items():
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         summary = stage.fn(layout, params)
-        timings.append((name, summary.records_in, time.perf_counter() - started))
+        timings.append((name, summary.records_in, time.perf_counter() - started,
+                        time.process_time() - cpu))
     return timings
 
 
@@ -99,11 +103,12 @@ def main() -> None:
         images = sorted((export / "images").iterdir())
         size = int(load_params(project)["preprocess"]["size"])
         bare_decode_and_resize(images, size)
-        bare = bare_decode_and_resize(images, size)
+        bare, bare_cpu = bare_decode_and_resize(images, size)
 
         # 2. The stages, in-process.
         timings = run_stages(project)
-        total = sum(seconds for _, _, seconds in timings)
+        total = sum(seconds for _, _, seconds, _ in timings)
+        total_cpu = sum(cpu for _, _, _, cpu in timings)
 
         # 3. Optionally the whole flow, orchestration and DVC commit included.
         flow_seconds = None
@@ -116,12 +121,15 @@ def main() -> None:
 
     print(f"{len(images)} images of {args.rows}x{args.columns}, output {size}x{size}, "
           f"{os.cpu_count()} cores")
-    print(f"{'step':<28}{'images':>8}{'seconds':>10}{'images/s':>10}")
-    print(f"{'bare decode + resize':<28}{len(images):>8}{bare:>10.2f}{len(images) / bare:>10.1f}")
-    for name, count, seconds in timings:
-        print(f"{name:<28}{count:>8}{seconds:>10.2f}{count / seconds:>10.1f}")
-    print(f"{'whole preparation':<28}{len(images):>8}{total:>10.2f}{len(images) / total:>10.1f}")
-    print(f"ratio whole preparation / bare loop: {total / bare:.2f} (target <= 1.3)")
+    print(f"{'step':<28}{'images':>8}{'seconds':>10}{'images/s':>10}{'CPU s':>10}")
+    print(f"{'bare decode + resize':<28}{len(images):>8}{bare:>10.2f}{len(images) / bare:>10.1f}"
+          f"{bare_cpu:>10.2f}")
+    for name, count, seconds, cpu in timings:
+        print(f"{name:<28}{count:>8}{seconds:>10.2f}{count / seconds:>10.1f}{cpu:>10.2f}")
+    print(f"{'whole preparation':<28}{len(images):>8}{total:>10.2f}{len(images) / total:>10.1f}"
+          f"{total_cpu:>10.2f}")
+    print(f"ratio whole preparation / bare loop: {total / bare:.2f} (target <= 1.3); "
+          f"in CPU time: {total_cpu / bare_cpu:.2f}")
     if flow_seconds is not None:
         print(f"Prefect flow incl. orchestration and dvc commit: {flow_seconds:.2f} s")
     shutil.rmtree(base, ignore_errors=True)

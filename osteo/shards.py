@@ -1,19 +1,28 @@
-"""Pixel shards: images stored many to a file, keyed by pseudonymous image id.
+"""Pixel shards: images stored many to a file, each under a member name.
 
-A shard is an uncompressed ``.npz`` archive (``shard-00000.npz``, ``shard-00001.npz``, …). Each
-member is one image array named by its image id; arrays keep their own shape and dtype, so raw
-radiographs of different sizes and resized float16 images use the same format. Loading is lazy:
-``read_shard`` returns a mapping that decodes an image only when it is accessed.
+A shard is an uncompressed ``.npz`` archive (``shard-00000.npz``, ``shard-00001.npz``, …) that
+``numpy.load`` reads. Each member is one image array; arrays keep their own shape and dtype, so
+raw radiographs of different sizes and resized float16 images use the same format. Members are
+named by pseudonymous image id, or by a neutral rank where a shard is published as it was
+written (``link_shards``). Loading is lazy: ``read_shard`` returns a mapping that reads an image
+only when it is accessed.
+
+Shards are written byte for byte the same for the same images: the archive's timestamps are
+fixed, so an unchanged dataset gives unchanged files and DVC stores and pushes them only once.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 SHARD_PATTERN = "shard-{index:05d}.npz"
+_FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # earliest zip timestamp: no write time in the bytes
 
 
 class ShardWriter:
@@ -48,8 +57,11 @@ class ShardWriter:
         if not self._pending:
             return
         path = self.directory / SHARD_PATTERN.format(index=self._index)
-        with path.open("wb") as handle:
-            np.savez(handle, **self._pending)  # type: ignore[arg-type]
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+            for name, pixels in self._pending.items():
+                member = zipfile.ZipInfo(f"{name}.npy", date_time=_FIXED_TIME)
+                with archive.open(member, "w", force_zip64=True) as handle:
+                    np.lib.format.write_array(handle, np.asanyarray(pixels), allow_pickle=False)
         self._pending = {}
         self._index += 1
 
@@ -66,6 +78,33 @@ class ShardWriter:
 def read_shard(path: Path) -> np.lib.npyio.NpzFile:
     """Open one shard; images are read when accessed by id (``shard[image_id]``)."""
     return np.load(path, allow_pickle=False)
+
+
+def link_shards(source: Path, target: Path) -> list[str]:
+    """Publish the shards of one directory in another, as hard links where the disk allows.
+
+    A hard link costs no copy of the pixels; on a file system without them (or across
+    devices) the shards are copied. Shards already in ``target`` are removed first, so a
+    stale shard never survives and no linked file is ever written in place.
+
+    Args:
+        source: the directory of the shards to publish.
+        target: where to publish them; created if missing.
+
+    Returns:
+        The names of the published shards, in order.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    for old in shard_paths(target):
+        old.unlink()
+    names = []
+    for path in shard_paths(source):
+        try:
+            os.link(path, target / path.name)
+        except OSError:
+            shutil.copyfile(path, target / path.name)
+        names.append(path.name)
+    return names
 
 
 def shard_members(path: Path) -> list[str]:

@@ -9,14 +9,15 @@ detail naming its file and row, and the good records continue.
 Reads    the export directory ``export.path``: patients.csv, annotations.csv, images/
 Writes   work/ingest/records.parquet   one row per accepted image, identifiable (local only)
          work/ingest/manifest.csv      file, bytes, sha256 of every file of the export
-         work/ingest/pixels/shard-*    decoded stored values (uint16) by export file name
+         work/ingest/pixels/shard-*    decoded stored values (uint16) of the accepted images
          data/quarantine/ingest.csv    every rejected record and annotation, with its reason
          reports/ingest.json           counts (unit ``record``), annotation and reader figures
 
 Each image file is read once, by a few threads: its bytes give the sha256, the header check,
-the decoded stored pixel values and their statistics (``osteo.radiograph``). The pixels go to
-local shards of ``preprocess.shard_size`` images, in file name order, for the pseudonymise stage
-to re-key by image id; no later stage reads the export's images again. The records carry the
+the decoded stored pixel values and their statistics (``osteo.radiograph``). The pixels of
+the accepted images go to local shards of ``preprocess.shard_size`` images, in file name order
+under neutral member names, which the pseudonymise stage publishes as they are; no later stage
+reads the export's images again. The records carry the
 header's display attributes and the image statistics, nothing else of the header.
 
 What counts as a record: every file of images/, every image name that annotations.csv mentions
@@ -114,7 +115,7 @@ RECORD_SCHEMA = pa.schema([
     *[(column, pa.string() if column in ("modality", "photometric")
        else pa.int64() if column in INTEGER_COLUMNS else pa.float64())
       for column in PIXEL_COLUMNS],
-    ("pixel_shard", pa.string()),
+    ("pixel_shard", pa.string()), ("pixel_member", pa.string()),
 ])
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -158,8 +159,8 @@ class CsvTable:
 class ImageFile:
     """One file of images/ after its checks; ``reason`` is empty when it is usable.
 
-    ``pixels`` (display attributes and image statistics, ``PIXEL_COLUMNS``) and ``shard`` (the
-    local pixel shard holding its decoded values) are filled for usable images only.
+    ``pixels`` (display attributes and image statistics, ``PIXEL_COLUMNS``) is filled for
+    usable images only.
     """
 
     name: str
@@ -170,7 +171,6 @@ class ImageFile:
     reason: str = ""
     detail: str = ""
     pixels: dict[str, Any] = field(default_factory=dict)
-    shard: str = ""
 
     @property
     def source(self) -> str:
@@ -284,32 +284,10 @@ def _check_columns(path: Path, header: list[str], columns: tuple[str, ...]) -> N
 # ---------------------------------------------------------------------------------- images
 
 
-def inspect_images(images_dir: Path, pixel_dir: Path, shard_size: int) -> list[ImageFile]:
-    """Hash, check and decode every file under images/, in file name order.
-
-    Each file is read once; its bytes give the sha256, the header check and the pixels, which
-    go to the local shards of ``pixel_dir`` under the file's name. Files with the same content
-    as an earlier one (by name order) are marked ``duplicate_file``.
-
-    Args:
-        images_dir: the export's images/ directory.
-        pixel_dir: work/ingest/pixels (old shards are removed).
-        shard_size: images per shard.
-
-    Returns:
-        One entry per file.
-    """
+def image_files(images_dir: Path) -> tuple[list[Path], list[str]]:
+    """The files under images/ in file name order, with their names relative to images/."""
     paths = sorted(path for path in images_dir.rglob("*") if path.is_file())
-    names = [path.relative_to(images_dir).as_posix() for path in paths]
-    files = []
-    with ShardWriter(pixel_dir, shard_size) as writer, \
-            ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-        inspected = ordered_map(pool, inspect_image, paths, names, ahead=4 * _WORKERS)
-        for image, pixels in track(inspected, "checking and decoding images", total=len(paths)):
-            if pixels is not None:
-                image = replace(image, shard=writer.add(image.name, pixels))
-            files.append(image)
-    return _mark_duplicates(files)
+    return paths, [path.relative_to(images_dir).as_posix() for path in paths]
 
 
 def inspect_image(path: Path, name: str) -> tuple[ImageFile, Any]:
@@ -447,16 +425,13 @@ def _native_pixel_bytes(dataset: pydicom.Dataset) -> int:
     return int(dataset.Rows) * int(dataset.Columns) * int(dataset.BitsAllocated) // 8
 
 
-def _mark_duplicates(files: list[ImageFile]) -> list[ImageFile]:
-    first_of: dict[str, str] = {}
-    marked = []
-    for image in files:
-        original = first_of.setdefault(image.sha256, image.name)
-        if original != image.name:
-            detail = f"same content (sha256) as {IMAGES_DIR}/{original}, which is kept"
-            image = replace(image, reason="duplicate_file", detail=detail)
-        marked.append(image)
-    return marked
+def _mark_duplicate(image: ImageFile, first_of: dict[str, str]) -> ImageFile:
+    """Mark a file whose content (sha256) an earlier file, by name order, already had."""
+    original = first_of.setdefault(image.sha256, image.name)
+    if original == image.name:
+        return image
+    detail = f"same content (sha256) as {IMAGES_DIR}/{original}, which is kept"
+    return replace(image, reason="duplicate_file", detail=detail, pixels={})
 
 
 def write_manifest(export_dir: Path, images: list[ImageFile], path: Path) -> int:
@@ -695,7 +670,7 @@ def judge_image(
         "last_name": patient.values["last_name"], "age": patient.age, "sex": patient.sex,
         "bmi": patient.bmi, "label": label, "n_readers": len(latest),
         "reader_agreement": agreement, "birth_date": image.birth_date,
-        **image.pixels, "pixel_shard": image.shard,
+        **image.pixels,
     }
     return Verdict(record=record, used=latest, superseded=superseded)
 
@@ -791,29 +766,29 @@ def ingest(layout: Layout, params: dict[str, Any]) -> StageSummary:
     patients_table = read_table(export_dir / PATIENTS_CSV, PATIENT_COLUMNS)
     annotations_table = read_table(export_dir / ANNOTATIONS_CSV, ANNOTATION_COLUMNS)
 
-    # 2. Every image read once: sha256, header check, pixels and their statistics,
-    #    duplicates; manifest of all files.
-    shard_size = int((params.get("preprocess") or {}).get("shard_size", DEFAULT_SHARD_SIZE))
-    images = inspect_images(export_dir / IMAGES_DIR, layout.ingest_pixel_dir, shard_size)
-    files_listed = write_manifest(export_dir, images, layout.manifest)
-
-    # 3. Patients and annotations parsed; rows that can never join are quarantined.
+    # 2. Patients and annotations parsed; rows that can never join are quarantined.
+    paths, names = image_files(export_dir / IMAGES_DIR)
     ledger = Ledger()
     patients, unusable_rows = parse_patients(patients_table, ledger)
     accredited = {str(reader) for reader in params["readers"]["accredited"]}
-    by_image, orphans = parse_annotations(annotations_table, {i.name for i in images},
-                                          patients, accredited, ledger)
+    by_image, orphans = parse_annotations(annotations_table, set(names), patients, accredited,
+                                          ledger)
     _quarantine_orphan_annotations(orphans, ledger)
 
-    # 4. Join each image with its annotations and patient; consensus of accredited readers.
-    min_readers = int(params.get("ingest", {}).get("min_readers", 1))
-    records, used, figures = _join(images, by_image, patients, min_readers, ledger)
+    # 3. Every image read once (sha256, header check, pixels and their statistics) and joined
+    #    with its annotations and patient; the accepted images' pixels go to local shards.
+    joining = Joining(by_image, patients, int(params.get("ingest", {}).get("min_readers", 1)),
+                      ledger)
+    shard_size = int((params.get("preprocess") or {}).get("shard_size", DEFAULT_SHARD_SIZE))
+    images = ingest_images(paths, names, joining, layout.ingest_pixel_dir, shard_size)
+    records, used, figures = joining.records, joining.used, joining.readers.figures()
+    files_listed = write_manifest(export_dir, images, layout.manifest)
 
-    # 5. Patient rows no image refers to.
+    # 4. Patient rows no image refers to.
     linked = {a.patient_ref for annotations in by_image.values() for a in annotations}
     orphan_patients = _quarantine_orphan_patients(patients, linked, ledger)
 
-    # 6. Outputs and the account of what came in and went out.
+    # 5. Outputs and the account of what came in and went out.
     write_records(records, layout.ingested_records)
     ledger.quarantine.rejections.sort(key=lambda r: (r.source, r.row or 0))
     ledger.quarantine.write(layout.quarantine(STAGE))
@@ -870,21 +845,75 @@ def _quarantine_orphan_patients(
     return len(orphans)
 
 
-def _join(
-    images: list[ImageFile], by_image: dict[str, list[Annotation]],
-    patients: dict[str, Patient], min_readers: int, ledger: Ledger,
-) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
-    records, used, readers = [], 0, ReaderAgreement()
-    for image in images:
-        annotations = by_image.get(image.name, [])
-        verdict = judge_image(image, annotations, patients, min_readers)
-        used += settle_annotations(annotations, verdict, ledger)
+@dataclass
+class Joining:
+    """Joins each image, as it is read, with its annotations and patient (``judge_image``).
+
+    Attributes:
+        by_image: the annotations of every image of images/.
+        patients: patients.csv indexed by patient_ref.
+        min_readers: accredited readers an image needs.
+        ledger: where rejected images and annotations go.
+        records: the accepted images' records, in file name order.
+        used: annotations used for a label so far.
+        readers: agreement between the accredited readers of the accepted images.
+    """
+
+    by_image: dict[str, list[Annotation]]
+    patients: dict[str, Patient]
+    min_readers: int
+    ledger: Ledger
+    records: list[dict[str, Any]] = field(default_factory=list)
+    used: int = 0
+    readers: ReaderAgreement = field(default_factory=lambda: ReaderAgreement())
+
+    def join(self, image: ImageFile) -> dict[str, Any] | None:
+        """The image's record when it is accepted; otherwise it is quarantined and None."""
+        annotations = self.by_image.get(image.name, [])
+        verdict = judge_image(image, annotations, self.patients, self.min_readers)
+        self.used += settle_annotations(annotations, verdict, self.ledger)
         if verdict.record is None:
-            ledger.reject_record(image.source, verdict.reason, verdict.detail)
-            continue
-        records.append(verdict.record)
-        readers.add(verdict.used, verdict.record["label"])
-    return records, used, readers.figures()
+            self.ledger.reject_record(image.source, verdict.reason, verdict.detail)
+            return None
+        self.records.append(verdict.record)
+        self.readers.add(verdict.used, verdict.record["label"])
+        return verdict.record
+
+
+def ingest_images(
+    paths: list[Path], names: list[str], joining: Joining, pixel_dir: Path, shard_size: int,
+) -> list[ImageFile]:
+    """Read, check, decode and join every image file, keeping the accepted images' pixels.
+
+    Files are read by a few threads and joined in file name order, so the first of several
+    files with the same content is the one kept. The pixels of each accepted image go to the
+    local shards of ``pixel_dir`` under a neutral member name (its rank among the accepted
+    images), so that the shards can be published as they are by the pseudonymise stage; the
+    record names its shard and member.
+
+    Args:
+        paths: the files of images/, in file name order.
+        names: their names relative to images/.
+        joining: the annotations and patients to join with, and where the outcome goes.
+        pixel_dir: work/ingest/pixels (old shards are removed).
+        shard_size: images per shard.
+
+    Returns:
+        One entry per file, with its sha256 for the manifest.
+    """
+    files: list[ImageFile] = []
+    first_of: dict[str, str] = {}
+    with ShardWriter(pixel_dir, shard_size) as writer, \
+            ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        inspected = ordered_map(pool, inspect_image, paths, names, ahead=4 * _WORKERS)
+        for image, pixels in track(inspected, "checking and decoding images", total=len(paths)):
+            image = _mark_duplicate(image, first_of)
+            record = joining.join(image)
+            if record is not None:
+                member = f"{len(joining.records) - 1:06d}"
+                record |= {"pixel_shard": writer.add(member, pixels), "pixel_member": member}
+            files.append(image)
+    return files
 
 
 @dataclass

@@ -1,11 +1,11 @@
 """Preprocess stage: turn validated radiographs into the model's input images.
 
 Reads ``data/validated/records.parquet`` and the raw stored pixel values (uint16) of each accepted
-image from ``data/pseudonymised/pixels/shard-*.npz``. Writes ``data/prepared/pixels/shard-*.npz``
-(float16, ``preprocess.size`` x ``preprocess.size``, values in [0, 1], bone bright),
-``data/prepared/records.parquet`` (image_id, patient_id, age, sex, bmi, label, shard), the
-rejected images with their reason in ``data/quarantine/preprocess.csv`` and the stage summary
-``reports/preprocess.json``.
+image from ``data/pseudonymised/pixels/shard-*.npz`` (the record's ``shard`` and ``member``).
+Writes ``data/prepared/pixels/shard-*.npz`` (float16, ``preprocess.size`` x ``preprocess.size``,
+values in [0, 1], bone bright, keyed by image id), ``data/prepared/records.parquet`` (image_id,
+patient_id, age, sex, bmi, label, shard), the rejected images with their reason in
+``data/quarantine/preprocess.csv`` and the stage summary ``reports/preprocess.json``.
 
 Control 4.22, minimise data at each step of the processing: past this stage only the pixels the
 model needs and the fields used for training and fairness checks travel on; acquisition
@@ -66,7 +66,7 @@ BATCH_IMAGES = 32  # images per unit of work of the thread pool
 _WORKERS = 2       # one thread per core: resizing and windowing release the interpreter lock
 PREPARED_COLUMNS = ["image_id", "patient_id", "age", "sex", "bmi", "label", "shard"]
 REQUIRED_COLUMNS = [
-    *PREPARED_COLUMNS, "photometric", "rescale_slope", "rescale_intercept",
+    *PREPARED_COLUMNS, "member", "photometric", "rescale_slope", "rescale_intercept",
     "window_center", "window_width", "rows", "columns",
 ]
 
@@ -409,9 +409,9 @@ def prepare_shard(
 
 def _stored_pixels(shard: Any, available: set[str], record: dict[str, Any]) -> np.ndarray:
     """The raw pixels of one record, checked against the record's rows and columns."""
-    if record["image_id"] not in available:
+    if record["member"] not in available:
         raise ImageRejected("missing_pixels", "the pixel shard holds no such image")
-    pixels: np.ndarray = shard[record["image_id"]]
+    pixels: np.ndarray = shard[record["member"]]
     if pixels.shape != (record["rows"], record["columns"]):
         raise ImageRejected(
             "shape_mismatch", f"pixel array is {'x'.join(map(str, pixels.shape))} but the "

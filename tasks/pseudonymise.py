@@ -12,15 +12,17 @@ the header never leaves ``work/``.
 
 Reads    work/ingest/records.parquet, work/ingest/pixels/shard-*   (identifiable, local)
 Writes   data/pseudonymised/records.parquet      no name, reference or birth date
-         data/pseudonymised/pixels/shard-*       stored pixel values (uint16) by image id
+         data/pseudonymised/pixels/shard-*       stored pixel values (uint16); each record
+                                                 names its shard and member
          data/quarantine/pseudonymise.csv        images whose pixels ingest did not keep
          reports/pseudonymise.json               counts (unit ``image``)
          work/pseudonymise/image_map.parquet     export file name -> image id (local only)
 
-The stage never reads the export itself: ingest decoded each image once and kept its pixels
-under the export file name; here they are copied into shards keyed by image id. Rows of the
-records table and images of the shards are ordered by image id, so their order does not follow
-the export's file names. Quarantine rows name the image by its image id only (reason
+The stage never reads the export itself: ingest decoded each image once and kept the accepted
+images' pixels in shards under neutral member names (their rank in file name order); those
+shards are published here as they are, hard-linked rather than copied where the disk allows.
+Rows of the records table are ordered by image id, so their order does not follow the
+export's file names. Quarantine rows name the image by its image id only (reason
 ``missing_pixels``); the local image map leads back to the export file.
 
 For synthetic exports, ``translate_ground_truth`` writes data/oracle/ground_truth.parquet
@@ -31,11 +33,9 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,7 +46,7 @@ from osteo.config import ConfigError
 from osteo.layout import Layout
 from osteo.progress import track
 from osteo.quarantine import Quarantine
-from osteo.shards import ShardWriter, read_shard, shard_paths
+from osteo.shards import link_shards, shard_members, shard_paths
 from osteo.summary import StageSummary
 from osteo.vault import IdentityVault, PatientIdentity
 from tasks.ingest import PIXEL_COLUMNS, ExportError
@@ -60,7 +60,7 @@ CARRIED_COLUMNS = ("age", "sex", "bmi", "label", "n_readers", "reader_agreement"
 RECORD_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("patient_id", pa.string()),
     *[INGEST_SCHEMA.field(column) for column in CARRIED_COLUMNS],
-    ("shard", pa.string()),
+    ("shard", pa.string()), ("member", pa.string()),
 ])
 RECORD_COLUMNS = RECORD_SCHEMA.names
 TRUTH_COLUMNS = ("image", "patient_ref", "t_score", "true_label")
@@ -85,7 +85,7 @@ def pseudonymise(layout: Layout, params: dict[str, Any]) -> StageSummary:
 
     Args:
         layout: the project's paths.
-        params: params.yaml (``preprocess.shard_size``).
+        params: params.yaml (no setting of its own; kept for the common stage signature).
 
     Returns:
         The stage summary, also written to reports/pseudonymise.json.
@@ -108,11 +108,9 @@ def pseudonymise(layout: Layout, params: dict[str, Any]) -> StageSummary:
     ).sort_values("image_id", ignore_index=True)
     vault_seconds = time.perf_counter() - started
 
-    # 3. Pixels re-keyed by image id into the pseudonymised shards.
+    # 3. The pixels ingest decoded, published as the pseudonymised shards.
     quarantine = Quarantine(STAGE)
-    shard_size = int(params.get("preprocess", {}).get("shard_size", 256))
-    rows = write_shards(records, layout.ingest_pixel_dir, layout.raw_pixel_dir, shard_size,
-                        quarantine)
+    rows = write_shards(records, layout.ingest_pixel_dir, layout.raw_pixel_dir, quarantine)
 
     # 4. Outputs: records without identity, quarantine, local image map, summary.
     write_records(rows, layout.pseudonymised_records)
@@ -164,54 +162,43 @@ def _identities(records: pd.DataFrame) -> list[PatientIdentity]:
 
 
 def write_shards(
-    records: pd.DataFrame, source_dir: Path, pixel_dir: Path, shard_size: int,
-    quarantine: Quarantine,
+    records: pd.DataFrame, source_dir: Path, pixel_dir: Path, quarantine: Quarantine,
 ) -> list[dict[str, Any]]:
-    """Copy every image's stored values from the ingest shards into shards keyed by image id.
+    """Publish the ingest stage's pixel shards as the pseudonymised shards.
+
+    Ingest kept the accepted images' stored values under neutral member names (their rank),
+    so its shards hold no export file name and are published as they are: hard links, or
+    copies where the disk has none (``osteo.shards.link_shards``). A record whose pixels are
+    not in its shard goes to quarantine.
 
     Args:
         records: ingested records with their ``image_id`` and ``patient_id``, in output order;
-            ``pixel_shard`` names the ingest shard holding each image under its file name.
+            ``pixel_shard`` and ``pixel_member`` say where ingest put each image's pixels.
         source_dir: work/ingest/pixels.
         pixel_dir: data/pseudonymised/pixels (old shards are removed).
-        shard_size: images per shard.
         quarantine: where images whose pixels ingest did not keep go.
 
     Returns:
-        One pseudonymised record per image written, with its shard.
+        One pseudonymised record per image with pixels, naming its shard and member.
     """
+    published = link_shards(source_dir, pixel_dir)
+    members = {name: set(shard_members(pixel_dir / name)) for name in published}
     rows: list[dict[str, Any]] = []
-    with ShardWriter(pixel_dir, shard_size) as writer, ExitStack() as sources:
-        opened: dict[str, Any] = {}
-        for item in track(records.to_dict("records"), "pseudonymising radiographs"):
-            pixels = _ingested_pixels(item, source_dir, opened, sources)
-            if pixels is None:
-                quarantine.add("work/ingest/records.parquet", "missing_pixels",
-                               "the ingest stage kept no pixels for this image; run it again",
-                               record_id=item["image_id"])
-                continue
-            shard = writer.add(item["image_id"], pixels)
-            rows.append(_pseudonymised_row(item, shard))
+    for item in track(records.to_dict("records"), "pseudonymising records"):
+        shard, member = str(item.get("pixel_shard") or ""), str(item.get("pixel_member") or "")
+        if member not in members.get(shard, set()):
+            quarantine.add("work/ingest/records.parquet", "missing_pixels",
+                           "the ingest stage kept no pixels for this image; run it again",
+                           record_id=item["image_id"])
+            continue
+        rows.append(_pseudonymised_row(item, shard, member))
     return rows
 
 
-def _ingested_pixels(
-    item: dict[str, Any], source_dir: Path, opened: dict[str, Any], sources: ExitStack,
-) -> np.ndarray | None:
-    """The stored values ingest kept for one record, or None when they are absent."""
-    name = str(item.get("pixel_shard") or "")
-    path = source_dir / name
-    if not name or not path.is_file():
-        return None
-    if name not in opened:
-        opened[name] = sources.enter_context(read_shard(path))
-    shard = opened[name]
-    return shard[item["image"]] if item["image"] in shard.files else None
-
-
-def _pseudonymised_row(item: dict[str, Any], shard: str) -> dict[str, Any]:
+def _pseudonymised_row(item: dict[str, Any], shard: str, member: str) -> dict[str, Any]:
     row = {"image_id": item["image_id"], "patient_id": item["patient_id"]}
-    return row | {column: item[column] for column in CARRIED_COLUMNS} | {"shard": shard}
+    return row | {column: item[column] for column in CARRIED_COLUMNS} | {
+        "shard": shard, "member": member}
 
 
 def write_records(rows: list[dict[str, Any]], path: Path) -> None:

@@ -11,7 +11,7 @@ stops the run; only a table that does not have the pseudonymised columns does.
 
 Reads:
     ``data/pseudonymised/records.parquet`` (with the image statistics ingest measured when it
-    decoded each radiograph, ``osteo.radiograph``), the member list of
+    decoded each radiograph, ``osteo.radiograph``), the member lists of
     ``data/pseudonymised/pixels/shard-*`` (not the pixels themselves),
     ``expectations/records.json`` and ``expectations/images.json`` (or the directory named by
     params ``validate.suites``).
@@ -21,7 +21,7 @@ Writes:
     ``reports/validation.html`` (the report a data engineer reads).
 
 The statistics are measured where the pixels are decoded, once per image at ingest, and judged
-here; a record without statistics, or whose image id is absent from its shard, is quarantined
+here; a record without statistics, or whose member is absent from its shard, is quarantined
 (``image_unusable``, ``image_missing``).
 
 Great Expectations is imported only when the stage runs: the import alone takes about 2 s, the
@@ -81,25 +81,27 @@ def recorded_statistics(
     when ingest decoded the images.
 
     Args:
-        records: the pseudonymised records (image_id and ``STAT_COLUMNS``).
+        records: the pseudonymised records (image_id, shard, member and ``STAT_COLUMNS``).
         pixel_dir: the directory of raw pixel shards.
 
     Returns:
         The statistics indexed by image id (columns ``STAT_COLUMNS``) of the images whose
         pixels are stored; the images with pixels but no usable statistics, with the reason
-        why (image id -> sentence); and the number of images in the shards that no record names.
+        why (image id -> sentence); and the number of stored images no record names.
     """
-    stored = {image_id for path in shard_paths(pixel_dir) for image_id in shard_members(path)}
-    columns = [column for column in STAT_COLUMNS if column in records.columns]
-    named = records[records["image_id"].map(lambda value: isinstance(value, str))]
-    stats = named.drop_duplicates("image_id").set_index("image_id")[columns]
-    stats = stats.reindex(columns=list(STAT_COLUMNS))[stats.index.isin(stored)]
+    stored = {(path.name, member) for path in shard_paths(pixel_dir)
+              for member in shard_members(path)}
+    located = list(zip(records["shard"].astype(str), records["member"].astype(str), strict=True))
+    named = records["image_id"].map(lambda value: isinstance(value, str))
+    present = pd.Series([place in stored for place in located], index=records.index) & named
+    stats = (records[present].drop_duplicates("image_id").set_index("image_id")
+             .reindex(columns=list(STAT_COLUMNS)))
     incomplete = stats.isna().any(axis=1)
     unusable = {
         str(image_id): "no image statistics were measured for these pixels"
         for image_id in stats.index[incomplete]
     }
-    orphans = len(stored - set(named["image_id"]))
+    orphans = len(stored - set(located))
     return stats[~incomplete], unusable, orphans
 
 
@@ -663,7 +665,7 @@ class _StageRun:
             if image_id in unusable:
                 reason, detail = "image_unusable", unusable[image_id]
             else:
-                reason, detail = "image_missing", "no pixels with this image id in the shards"
+                reason, detail = "image_missing", "its shard holds no member of this name"
             self.fail(label, reason, detail, str(self.pixel_sources[label]))
 
     def image_frame(self, stats: pd.DataFrame) -> pd.DataFrame:

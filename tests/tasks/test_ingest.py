@@ -22,7 +22,7 @@ from PIL import Image
 
 from osteo.config import load_params
 from osteo.layout import Layout
-from osteo.shards import iter_images, shard_paths
+from osteo.shards import read_shard, shard_members, shard_paths
 from osteo.summary import StageSummary
 from tasks.ingest import ExportError, consensus, ingest
 from tests.exports import (
@@ -275,16 +275,29 @@ def test_decoded_pixels_and_their_statistics_are_kept_for_the_next_stage(
     result = run_ingest(project_dir)
 
     pixel_dir = Layout(project_dir).ingest_pixel_dir
-    stored = dict(iter_images(pixel_dir))
     for spec in export.images:
         record = result.record(spec.name)
         path = export.images_dir / spec.name
         expected = (pydicom.dcmread(path).pixel_array if spec.format == "dicom"
                     else np.asarray(Image.open(path)))
-        np.testing.assert_array_equal(stored[spec.name], expected)
-        assert record["pixel_shard"] in {p.name for p in shard_paths(pixel_dir)}
+        with read_shard(pixel_dir / record["pixel_shard"]) as shard:
+            np.testing.assert_array_equal(shard[record["pixel_member"]], expected)
         assert (record["height"], record["width"]) == expected.shape
         assert record["stored_max"] == expected.max()
+
+
+def test_only_accepted_images_keep_their_pixels_under_neutral_names(project_dir: Path) -> None:
+    """A quarantined image leaves no pixels behind; member names do not carry file names."""
+    export = make_export(project_dir)
+    shutil.copy(export.images_dir / "IMG0001.dcm", export.images_dir / "IMG0009.dcm")
+
+    result = run_ingest(project_dir)
+
+    members = [name for path in shard_paths(Layout(project_dir).ingest_pixel_dir)
+               for name in shard_members(path)]
+    assert single(result.rejected("duplicate_file"))["source"] == "images/IMG0009.dcm"
+    assert sorted(members) == sorted(result.records["pixel_member"]) and len(members) == 5
+    assert not [name for name in members if "IMG" in name]
 
 
 def test_non_image_file_in_images_is_quarantined(project_dir: Path) -> None:

@@ -189,8 +189,10 @@ def _validated_project(root: Path) -> Layout:
                          "sex": "F", "bmi": 24.5, "label": "normal", "n_readers": 2,
                          "reader_agreement": 1.0, "modality": "CR", "bits_stored": 12,
                          "rows": shape[0], "columns": shape[1], "shard": shard,
+                         "member": image_id,
                          "pixel_mean": float(pixels.mean()), **display})
-    rows.append({**rows[0], "image_id": "Imissing", "shard": "shard-00009.npz"})
+    rows.append({**rows[0], "image_id": "Imissing", "member": "Imissing",
+                 "shard": "shard-00009.npz"})
     layout.validated_dir.mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(layout.validated_records, index=False)
     return layout

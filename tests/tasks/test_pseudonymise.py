@@ -19,7 +19,7 @@ from PIL import Image
 from osteo.config import ConfigError, load_params
 from osteo.layout import Layout
 from osteo.seaweed import EmbeddedS3
-from osteo.shards import iter_images
+from osteo.shards import read_shard, shard_members, shard_paths
 from osteo.summary import StageSummary
 from osteo.vault import IdentityVault
 from tasks.ingest import ingest
@@ -125,17 +125,33 @@ def test_pixels_are_the_stored_values_as_uint16(s3_env: EmbeddedS3, project: Pro
     project.ingest()
     project.pseudonymise()
 
-    stored = dict(iter_images(project.layout.raw_pixel_dir))
-
-    image_ids = project.image_map()
+    records = project.by_image()
     for spec in project.export.images:
-        pixels = stored[image_ids[spec.name]]
+        with read_shard(project.layout.raw_pixel_dir / records.at[spec.name, "shard"]) as shard:
+            pixels = shard[records.at[spec.name, "member"]]
         path = project.export.images_dir / spec.name
         expected = (pydicom.dcmread(path).pixel_array if spec.format == "dicom"
                     else np.asarray(Image.open(path)))
         assert pixels.dtype == np.uint16
         np.testing.assert_array_equal(pixels, expected)
-    np.testing.assert_array_equal(stored[image_ids["IMG0004.png"]], sample_pixels(seed=4))
+        if spec.name == "IMG0004.png":
+            np.testing.assert_array_equal(pixels, sample_pixels(seed=4))
+
+
+@pytest.mark.s3
+def test_shards_are_published_without_a_copy_and_name_no_export_file(
+    s3_env: EmbeddedS3, project: Project
+) -> None:
+    project.ingest()
+    project.pseudonymise()
+
+    published = shard_paths(project.layout.raw_pixel_dir)
+    members = [member for path in published for member in shard_members(path)]
+    assert [path.name for path in published] == [
+        path.name for path in shard_paths(project.layout.ingest_pixel_dir)]
+    assert all(path.samefile(project.layout.ingest_pixel_dir / path.name) for path in published)
+    assert sorted(members) == sorted(project.records()["member"])
+    assert not [member for member in members if "IMG" in member]
 
 
 @pytest.mark.s3

@@ -93,8 +93,9 @@ def build_project(
             if fields["photometric"] == "MONOCHROME1":
                 pixels = 4095 - pixels
             fields |= image_statistics(pixels, PixelEncoding.of(fields))
+            fields["member"] = fields["image_id"]
             if maker is not None:
-                fields["shard"] = writer.add(fields["image_id"], pixels)
+                fields["shard"] = writer.add(fields["member"], pixels)
             else:
                 fields["shard"] = "shard-00000.npz"
             rows.append(fields)
