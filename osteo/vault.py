@@ -7,8 +7,13 @@ administrator) may reach; on top of the store's access rules, every object is en
 client, so the store operator sees neither names nor references:
 
 * one object per patient, ``patients/<HMAC-SHA256(index key, patient_ref)>``, holding the
-  pseudonym, patient_ref, first name, last name, birth date and creation time;
-* one object per image, ``images/<HMAC-SHA256(index key, image sha256)>``, holding the image id.
+  pseudonym, patient_ref, first name, last name, birth date, creation time and the patient's
+  own random image key;
+* no object per image: an image's id is ``I`` + the first 16 hex digits of
+  ``HMAC-SHA256(patient's image key, sha256 of the image file)``. It is as stable as the
+  patient's entry and cannot be computed without it, so deleting a patient's entry (retention,
+  erasure) cuts the link from that patient's images to their export files too. One request per
+  patient, not one per image, makes the vault's cost.
 
 Object keys are keyed hashes, so looking a patient up needs no plaintext listing and a listing
 reveals nothing. Bodies are AES-256-GCM with the object key as associated data, so a body copied
@@ -32,8 +37,8 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,7 +58,6 @@ DEFAULT_KEY_FILE = Path(".osteo") / "vault.key"
 VAULT_ROLE = "svc_pseudonymise"
 KEY_BYTES = 32
 PATIENT_PREFIX = "patients/"
-IMAGE_PREFIX = "images/"
 
 # Body layout: format tag, 12-byte GCM nonce, ciphertext with its 16-byte tag.
 _BODY_TAG = b"OSV1"
@@ -103,7 +107,8 @@ class Resolution:
 
     Attributes:
         ids: pseudonymous id of every requested item (patient_ref or image sha256).
-        created: how many ids were new, i.e. written to the vault by this call.
+        created: how many ids were new: patients whose entry this call wrote, images of
+            those patients.
     """
 
     ids: dict[str, str]
@@ -116,8 +121,8 @@ class VaultEntryInfo:
 
     Attributes:
         key: the entry's object key (a keyed hash).
-        kind: ``patient`` or ``image``.
-        pseudonym: the patient pseudonym or image id the entry maps to.
+        kind: ``patient`` (the only kind of entry; image ids derive from it).
+        pseudonym: the patient pseudonym the entry maps to.
         created_at: when the entry was created (its ``created_at``; else the store's
             LastModified, the same instant since entries are never rewritten).
         size: the stored object's size in bytes.
@@ -136,9 +141,24 @@ def new_pseudonym() -> str:
     return "P" + secrets.token_hex(8)
 
 
-def new_image_id() -> str:
-    """A random image id, ``I`` followed by 16 hex digits."""
-    return "I" + secrets.token_hex(8)
+def new_image_key() -> str:
+    """A random per-patient key from which that patient's image ids are derived (base64)."""
+    return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()
+
+
+def image_id(image_key: str, sha256: str) -> str:
+    """The id of an image: ``I`` and 16 hex digits of a keyed hash of its file's sha256.
+
+    Args:
+        image_key: the patient's image key, from the patient's vault entry.
+        sha256: hex digest of the image file.
+
+    Returns:
+        The image id, the same for the same patient and file on every run.
+    """
+    digest = hmac.new(base64.b64decode(image_key), sha256.lower().encode("ascii"),
+                      hashlib.sha256).hexdigest()
+    return "I" + digest[:16]
 
 
 # ---------------------------------------------------------------------------------- key file
@@ -258,49 +278,53 @@ class IdentityVault:
         """Object key of a patient: a keyed hash of the reference, never the reference itself."""
         return PATIENT_PREFIX + self._index(patient_ref)
 
-    def image_key(self, sha256: str) -> str:
-        """Object key of an image, from the sha256 of its export file."""
-        return IMAGE_PREFIX + self._index(sha256.lower())
-
     def _index(self, value: str) -> str:
         return hmac.new(self._index_key, value.encode("utf-8"), hashlib.sha256).hexdigest()
 
     # ------------------------------------------------------------------ batch lookups
 
     def resolve(
-        self, patients: Iterable[PatientIdentity] = (), sha256s: Iterable[str] = ()
+        self, patients: Iterable[PatientIdentity] = (), images: Mapping[str, str] | None = None,
     ) -> tuple[Resolution, Resolution]:
-        """Pseudonyms of patients and ids of images, created for newcomers, in one batch.
+        """Pseudonyms of patients and ids of their images, entries created for newcomers.
 
-        Existing entries are read, missing ones are created with fresh random ids; the
-        requests of patients and images share one pool of a few concurrent workers.
+        Existing entries are read, missing ones are created with a fresh random pseudonym and
+        image key, a few requests at a time; image ids are derived from their patient's entry.
 
         Args:
             patients: identities, one per patient_ref (later duplicates are ignored).
-            sha256s: sha256 hex digests of export image files.
+            images: the patient_ref of each image, by sha256 hex digest of its file; each
+                patient_ref must be among ``patients``.
 
         Returns:
             The pseudonym of each patient_ref and the image id of each sha256, each with how
-            many were created by this call.
+            many were new (images count as new when their patient's entry was created now).
 
         Raises:
             VaultError: when the store refuses a request or an object fails to decrypt.
+            KeyError: when an image names a patient_ref that is not among ``patients``.
         """
 
-        # 1. One object per patient and per image, named by a keyed hash.
-        patient_jobs = self._patient_jobs(patients)
-        image_jobs = {self.image_key(d): (d, {"sha256": d.lower()}) for d in sha256s}
+        # 1. One object per patient, named by a keyed hash; one listing tells which exist.
+        jobs = self._patient_jobs(patients)
+        existing = self._list_keys(PATIENT_PREFIX) if jobs else set()
 
-        # 2. One listing per kind tells which objects exist; only those are read.
-        existing = self._list_keys(PATIENT_PREFIX) if patient_jobs else set()
-        existing |= self._list_keys(IMAGE_PREFIX) if image_jobs else set()
-
-        # 3. Reads and conditional creations, concurrently.
+        # 2. Reads and conditional creations, concurrently.
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            patient_results = self._submit(pool, patient_jobs, existing, "pseudonym",
-                                           new_pseudonym)
-            image_results = self._submit(pool, image_jobs, existing, "image_id", new_image_id)
-            return _collect(patient_results), _collect(image_results)
+            futures = {
+                ref: pool.submit(self._read, key) if key in existing
+                else pool.submit(self._create, key, template)
+                for key, (ref, template) in jobs.items()
+            }
+            entries = {ref: future.result() for ref, future in futures.items()}
+
+        # 3. Pseudonyms, and image ids from each patient's image key.
+        pseudonyms = {ref: entry["pseudonym"] for ref, (entry, _) in entries.items()}
+        new_patients = {ref for ref, (_, created) in entries.items() if created}
+        image_ids = {sha: image_id(_image_key(entries[ref][0]), sha)
+                     for sha, ref in (images or {}).items()}
+        new_images = sum(ref in new_patients for ref in (images or {}).values())
+        return (Resolution(pseudonyms, len(new_patients)), Resolution(image_ids, new_images))
 
     def pseudonymise_patients(self, patients: Iterable[PatientIdentity]) -> Resolution:
         """Each patient's pseudonym, created for new patients (see ``resolve``).
@@ -309,14 +333,6 @@ class IdentityVault:
             VaultError: when the store refuses a request or an object fails to decrypt.
         """
         return self.resolve(patients=patients)[0]
-
-    def image_ids(self, sha256s: Iterable[str]) -> Resolution:
-        """Each image's id, created for new images (see ``resolve``).
-
-        Raises:
-            VaultError: when the store refuses a request or an object fails to decrypt.
-        """
-        return self.resolve(sha256s=sha256s)[1]
 
     def find_patient(self, patient_ref: str) -> dict[str, str] | None:
         """Re-identification: the vault entry of a patient, or None when unknown.
@@ -349,25 +365,11 @@ class IdentityVault:
         for patient in patients:
             key = self.patient_key(patient.patient_ref)
             jobs.setdefault(key, (patient.patient_ref, {
-                "patient_ref": patient.patient_ref, "first_name": patient.first_name,
-                "last_name": patient.last_name, "birth_date": patient.birth_date,
+                "pseudonym": new_pseudonym(), "patient_ref": patient.patient_ref,
+                "first_name": patient.first_name, "last_name": patient.last_name,
+                "birth_date": patient.birth_date, "image_key": new_image_key(),
             }))
         return jobs
-
-    def _submit(
-        self,
-        pool: ThreadPoolExecutor,
-        jobs: dict[str, tuple[str, dict[str, str]]],
-        existing: set[str],
-        id_field: str,
-        new_id: Callable[[], str],
-    ) -> dict[str, Future[tuple[str, bool]]]:
-        """Queue a read for each existing object and a creation for each missing one."""
-        return {
-            item: pool.submit(self._read_id, key, id_field) if key in existing
-            else pool.submit(self._create, key, {id_field: new_id(), **template}, id_field)
-            for key, (item, template) in jobs.items()
-        }
 
     # ------------------------------------------------------------------ storage
 
@@ -385,17 +387,16 @@ class IdentityVault:
             ) from None
         return keys
 
-    def _read(self, key: str) -> dict[str, str]:
+    def _read(self, key: str) -> tuple[dict[str, str], bool]:
+        """An existing entry, decrypted; the flag says it was not created by this call."""
         try:
             body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except (ClientError, BotoCoreError) as error:
             raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
-        return self._decrypt(key, body)
+        return self._decrypt(key, body), False
 
-    def _read_id(self, key: str, id_field: str) -> tuple[str, bool]:
-        return self._read(key)[id_field], False
-
-    def _create(self, key: str, entry: dict[str, str], id_field: str) -> tuple[str, bool]:
+    def _create(self, key: str, entry: dict[str, str]) -> tuple[dict[str, str], bool]:
+        """Write a new entry unless one exists; a concurrent run's entry wins and is read."""
         entry = entry | {"created_at": _now()}
         try:
             self._client.put_object(
@@ -403,11 +404,11 @@ class IdentityVault:
             )
         except ClientError as error:
             if _code(error) in _CONFLICT_CODES:
-                return self._read_id(key, id_field)
+                return self._read(key)
             raise VaultError(f"cannot write vault object {key}: {_code(error)}") from None
         except BotoCoreError as error:
             raise VaultError(f"cannot write vault object {key}: {_code(error)}") from None
-        return entry[id_field], True
+        return entry, True
 
     # ------------------------------------------------------------------ encryption
 
@@ -441,12 +442,12 @@ class IdentityVault:
         the names, patient reference and birth date it holds are dropped at once.
 
         Returns:
-            One description per patient and image entry, sorted by key.
+            One description per patient entry, sorted by key.
 
         Raises:
             VaultError: when the store refuses a request or an entry fails to decrypt.
         """
-        listed = self._list_objects(PATIENT_PREFIX) + self._list_objects(IMAGE_PREFIX)
+        listed = self._list_objects(PATIENT_PREFIX)
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             infos = list(pool.map(lambda item: self._entry_info(*item), listed))
         return sorted(infos, key=lambda info: info.key)
@@ -460,7 +461,7 @@ class IdentityVault:
         Raises:
             VaultError: when the key is not a vault entry key or the store refuses the deletion.
         """
-        if not key.startswith((PATIENT_PREFIX, IMAGE_PREFIX)):
+        if not key.startswith(PATIENT_PREFIX):
             raise VaultError(f"{key} is not an identity-vault entry key")
         try:
             self._client.delete_object(Bucket=self.bucket, Key=key)
@@ -488,19 +489,20 @@ class IdentityVault:
         except (ClientError, BotoCoreError) as error:
             raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
         entry = self._decrypt(key, body)
-        kind = "patient" if key.startswith(PATIENT_PREFIX) else "image"
         created = entry.get("created_at")
         return VaultEntryInfo(
-            key=key, kind=kind,
-            pseudonym=entry.get("pseudonym" if kind == "patient" else "image_id", ""),
+            key=key, kind="patient", pseudonym=entry.get("pseudonym", ""),
             created_at=datetime.fromisoformat(created) if created else last_modified,
             size=size, sha256=hashlib.sha256(body).hexdigest(),
         )
 
-def _collect(futures: dict[str, Future[tuple[str, bool]]]) -> Resolution:
-    results = {item: future.result() for item, future in futures.items()}
-    created = sum(1 for _, was_created in results.values() if was_created)
-    return Resolution({item: value for item, (value, _) in results.items()}, created)
+def _image_key(entry: dict[str, str]) -> str:
+    """The patient's image key; entries written before image keys existed have none."""
+    key = entry.get("image_key")
+    if not key:
+        raise VaultError("a patient entry of the identity vault has no image key: it was "
+                         "written by an older osteo; re-create the vault to pseudonymise again")
+    return key
 
 
 def _code(error: Exception) -> str:

@@ -2,9 +2,9 @@
 
 Control 4.15 (pseudonymise data coming from the historical patient). Names and patient
 references are replaced by a random pseudonym per patient (``P`` + 16 hex digits) and every
-image gets a random id (``I`` + 16 hex digits, keyed by the sha256 of its file). Both are
-stable across runs because the correspondence is kept in the identity vault
-(``osteo.vault``: client-side encrypted, in the ``identity_vault`` store, reached as the
+image gets an id (``I`` + 16 hex digits) derived from the sha256 of its file with its patient's
+own random key. Both are stable across runs because the correspondence is kept in the identity
+vault (``osteo.vault``: client-side encrypted, in the ``identity_vault`` store, reached as the
 ``svc_pseudonymise`` role) and nowhere else. DICOM headers are reduced to the display
 attributes training needs: what ingest kept of them (modality, photometric interpretation,
 bits stored, rescale, window, rows and columns) and the image statistics travel on, the rest of
@@ -101,7 +101,9 @@ def pseudonymise(layout: Layout, params: dict[str, Any]) -> StageSummary:
 
     # 2. Pseudonyms and image ids from the identity vault: created once, then reused.
     vault = IdentityVault.open(layout.root)
-    patients, images = vault.resolve(_identities(records), records["sha256"])
+    patients, images = vault.resolve(_identities(records),
+                                     dict(zip(records["sha256"], records["patient_ref"],
+                                              strict=True)))
     records = records.assign(
         patient_id=records["patient_ref"].map(patients.ids),
         image_id=records["sha256"].map(images.ids),

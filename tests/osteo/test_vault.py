@@ -105,15 +105,39 @@ def test_pseudonyms_are_stable_across_vault_instances_and_differ_between_patient
     assert all(re.fullmatch(r"P[0-9a-f]{16}", pseudonym) for pseudonym in first.ids.values())
 
 
-def test_image_ids_are_stable_per_file_digest(s3_env: EmbeddedS3, tmp_path: Path) -> None:
+def test_image_ids_are_stable_per_patient_and_file_digest(
+    s3_env: EmbeddedS3, tmp_path: Path
+) -> None:
     key_file = tmp_path / "vault.key"
     other_sha = "a1" * 32
 
-    first = open_vault(key_file).image_ids([IMAGE_SHA, other_sha])
-    second = open_vault(key_file).image_ids([IMAGE_SHA])
+    _, first = open_vault(key_file).resolve(
+        [ALICE, BRUNO], {IMAGE_SHA: ALICE.patient_ref, other_sha: BRUNO.patient_ref})
+    _, second = open_vault(key_file).resolve([ALICE], {IMAGE_SHA: ALICE.patient_ref})
 
     assert second.ids[IMAGE_SHA] == first.ids[IMAGE_SHA] != first.ids[other_sha]
     assert re.fullmatch(r"I[0-9a-f]{16}", first.ids[IMAGE_SHA])
+    assert (first.created, second.created) == (2, 0)
+
+
+def test_deleting_a_patient_entry_cuts_the_link_to_its_images(
+    s3_env: EmbeddedS3, tmp_path: Path
+) -> None:
+    """Image ids derive from the patient's own key: a re-created entry gives other ids."""
+    vault = open_vault(tmp_path / "vault.key")
+    _, before = vault.resolve([ALICE], {IMAGE_SHA: ALICE.patient_ref})
+
+    vault.delete_entry(vault.patient_key(ALICE.patient_ref))
+    _, after = vault.resolve([ALICE], {IMAGE_SHA: ALICE.patient_ref})
+
+    assert after.ids[IMAGE_SHA] != before.ids[IMAGE_SHA] and after.created == 1
+
+
+def test_an_image_of_an_unknown_patient_is_a_programming_error(
+    s3_env: EmbeddedS3, tmp_path: Path
+) -> None:
+    with pytest.raises(KeyError):
+        open_vault(tmp_path / "vault.key").resolve([ALICE], {IMAGE_SHA: BRUNO.patient_ref})
 
 
 def test_vault_entry_gives_the_identity_back(s3_env: EmbeddedS3, tmp_path: Path) -> None:
@@ -166,8 +190,7 @@ def test_vault_objects_hold_no_name_reference_or_birth_date_in_clear(
     s3_env: EmbeddedS3, tmp_path: Path
 ) -> None:
     vault = open_vault(tmp_path / "vault.key")
-    vault.pseudonymise_patients([ALICE, BRUNO])
-    vault.image_ids([IMAGE_SHA])
+    vault.resolve([ALICE, BRUNO], {IMAGE_SHA: ALICE.patient_ref})
     identifying = [
         value.encode(encoding)
         for patient in (ALICE, BRUNO)
@@ -178,8 +201,7 @@ def test_vault_objects_hold_no_name_reference_or_birth_date_in_clear(
 
     objects = raw_objects(vault)
 
-    ours = {vault.patient_key(ALICE.patient_ref), vault.patient_key(BRUNO.patient_ref),
-            vault.image_key(IMAGE_SHA)}
+    ours = {vault.patient_key(ALICE.patient_ref), vault.patient_key(BRUNO.patient_ref)}
     assert ours <= set(objects)
     for key, body in objects.items():
         assert not [value for value in identifying if value in key.encode() or value in body]
