@@ -14,7 +14,9 @@ fixed, so an unchanged dataset gives unchanged files and DVC stores and pushes t
 from __future__ import annotations
 
 import os
+import queue
 import shutil
+import threading
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -28,10 +30,17 @@ _FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # earliest zip timestamp: no write time in 
 class ShardWriter:
     """Writes images into consecutive shards of at most ``shard_size`` images.
 
+    A background thread writes each image into its shard as soon as it is added, so the disk
+    writes overlap the caller's work and at most ``QUEUED_IMAGES`` images wait in memory. A
+    write error is raised by the next ``add`` or by ``close``; closing (or leaving the ``with``
+    block) waits until every image is on disk.
+
     Args:
         directory: where the shards go; created if missing, emptied of old shards.
         shard_size: images per shard.
     """
+
+    QUEUED_IMAGES = 16
 
     def __init__(self, directory: Path, shard_size: int = 256) -> None:
         self.directory = Path(directory)
@@ -39,40 +48,59 @@ class ShardWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         for old in self.directory.glob("shard-*.npz"):
             old.unlink()
-        self._pending: dict[str, np.ndarray] = {}
-        self._index = 0
-        self.locations: dict[str, str] = {}
+        self._added = 0
+        self._queue: queue.Queue[tuple[str, str, np.ndarray] | None] = queue.Queue(
+            maxsize=self.QUEUED_IMAGES)
+        self._error: BaseException | None = None
+        self._writer = threading.Thread(target=self._write_queued, name="shard-writer",
+                                        daemon=True)
+        self._writer.start()
 
-    def add(self, image_id: str, pixels: np.ndarray) -> str:
-        """Queue one image; returns the shard file name it will be written to."""
-        name = SHARD_PATTERN.format(index=self._index)
-        self._pending[image_id] = pixels
-        self.locations[image_id] = name
-        if len(self._pending) >= self.shard_size:
-            self.flush()
+    def add(self, key: str, pixels: np.ndarray) -> str:
+        """Queue one image under a member name; returns the shard file it is written to."""
+        self._raise_failure()
+        name = SHARD_PATTERN.format(index=self._added // self.shard_size)
+        self._added += 1
+        self._queue.put((name, key, pixels))
         return name
 
-    def flush(self) -> None:
-        """Write the queued images as one shard."""
-        if not self._pending:
-            return
-        path = self.directory / SHARD_PATTERN.format(index=self._index)
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-            for name, pixels in self._pending.items():
-                member = zipfile.ZipInfo(f"{name}.npy", date_time=_FIXED_TIME)
-                with archive.open(member, "w", force_zip64=True) as handle:
-                    np.lib.format.write_array(handle, np.asanyarray(pixels), allow_pickle=False)
-        self._pending = {}
-        self._index += 1
-
     def close(self) -> None:
-        self.flush()
+        """Wait until every queued image is written."""
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join()
+        self._raise_failure()
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise OSError(f"cannot write pixel shards in {self.directory}: "
+                          f"{self._error}") from self._error
+
+    def _write_queued(self) -> None:
+        archive: zipfile.ZipFile | None = None
+        try:
+            while (item := self._queue.get()) is not None:
+                name, key, pixels = item
+                if archive is None or archive.filename != str(self.directory / name):
+                    if archive is not None:
+                        archive.close()
+                    archive = zipfile.ZipFile(self.directory / name, "w", zipfile.ZIP_STORED)
+                member = zipfile.ZipInfo(f"{key}.npy", date_time=_FIXED_TIME)
+                with archive.open(member, "w", force_zip64=True) as handle:
+                    np.lib.format.write_array(handle, np.asanyarray(pixels), allow_pickle=False)
+        except Exception as error:  # noqa: BLE001 - handed to the caller by add or close
+            self._error = error
+            while self._queue.get() is not None:  # let a waiting add return
+                pass
+        finally:
+            if archive is not None:
+                archive.close()
 
 
 def read_shard(path: Path) -> np.lib.npyio.NpzFile:
