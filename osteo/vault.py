@@ -49,6 +49,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from osteo.config import ConfigError, bucket
+from osteo.minimise import check_fields
 from osteo.storage import s3_client
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 KEY_FILE_ENV = "OSTEO_VAULT_KEY_FILE"
 DEFAULT_KEY_FILE = Path(".osteo") / "vault.key"
 VAULT_ROLE = "svc_pseudonymise"
+STORE = "identity_vault"
 KEY_BYTES = 32
 PATIENT_PREFIX = "patients/"
 
@@ -270,7 +272,7 @@ class IdentityVault:
             ConfigError: when the key file or the storage settings are unusable.
         """
         keys = load_or_create_keys(key_file_path(project_dir))
-        return cls(keys, s3_client(role), bucket("identity_vault"))
+        return cls(keys, s3_client(role), bucket(STORE))
 
     # ------------------------------------------------------------------ object keys
 
@@ -396,8 +398,14 @@ class IdentityVault:
         return self._decrypt(key, body), False
 
     def _create(self, key: str, entry: dict[str, str]) -> tuple[dict[str, str], bool]:
-        """Write a new entry unless one exists; a concurrent run's entry wins and is read."""
+        """Write a new entry unless one exists; a concurrent run's entry wins and is read.
+
+        Raises:
+            UndeclaredFieldError: when the entry holds a field ``infra/fields.yaml`` does not
+                declare for the identity vault (control 4.22).
+        """
         entry = entry | {"created_at": _now()}
+        check_fields(STORE, entry, f"identity vault entry {key}")
         try:
             self._client.put_object(
                 Bucket=self.bucket, Key=key, Body=self._encrypt(key, entry), IfNoneMatch="*"

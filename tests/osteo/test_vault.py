@@ -11,6 +11,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from osteo.config import ConfigError, bucket
+from osteo.minimise import UndeclaredFieldError
 from osteo.seaweed import EmbeddedS3
 from osteo.storage import s3_client
 from osteo.vault import (
@@ -206,6 +207,19 @@ def test_vault_objects_hold_no_name_reference_or_birth_date_in_clear(
     for key, body in objects.items():
         assert not [value for value in identifying if value in key.encode() or value in body]
         assert IMAGE_SHA.encode() not in body and IMAGE_SHA not in key
+
+
+def test_an_entry_with_an_undeclared_field_is_not_written(
+    s3_env: EmbeddedS3, tmp_path: Path
+) -> None:
+    """Control 4.22: the vault holds only what infra/fields.yaml declares for it."""
+    vault = open_vault(tmp_path / "vault.key")
+    key = vault.patient_key(ALICE.patient_ref)
+
+    with pytest.raises(UndeclaredFieldError, match="nickname"):
+        vault._create(key, {"pseudonym": "P0123456789abcdef", "nickname": "Al"})
+
+    assert key not in raw_objects(vault)
 
 
 def test_data_scientist_cannot_read_a_vault_object(s3_env: EmbeddedS3, tmp_path: Path) -> None:
