@@ -3,8 +3,7 @@
 Two areas, kept apart on purpose:
 
 ``work/``  local only, never cached or pushed by DVC: the ingested export still carries patient
-           names and references until the pseudonymise stage replaces them, and the pixels
-           ingest decoded are keyed by export file name.
+           names and references until the pseudonymise stage replaces them.
 ``data/``  pseudonymised outputs, tracked by DVC and pushed to the training store.
 ``reports/`` validation report and per-stage summaries, tracked by DVC too.
 
@@ -13,8 +12,10 @@ Formats:
 * tables are Parquet; the quarantine of each stage is ``data/quarantine/<stage>.csv`` with the
   columns of ``osteo.quarantine.COLUMNS``;
 * pixels are stored in shards (``osteo.shards``): uncompressed ``.npz`` archives holding up to
-  ``shard_size`` images keyed by pseudonymous image id, so DVC handles a few large objects
-  instead of thousands of small ones.
+  ``shard_size`` images, so DVC handles a few large objects instead of thousands of small ones.
+  The raw radiographs ingest decoded are members named by a neutral rank (each record names
+  its ``shard`` and ``member``), so their shards pass from ``work/`` to ``data/`` as they are;
+  the prepared images are members named by pseudonymous image id.
 """
 
 from __future__ import annotations
