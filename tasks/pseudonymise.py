@@ -25,6 +25,12 @@ Rows of the records table are ordered by image id, so their order does not follo
 export's file names. Quarantine rows name the image by its image id only (reason
 ``missing_pixels``); the local image map leads back to the export file.
 
+Limitation: the shards themselves keep the accepted images in the export's file name order
+(member ``000017`` is the eighteenth accepted file by name). Nobody can tell which patient an
+image belongs to from that, but someone holding the export's list of file names could match
+members to file names, which the image ids alone do not allow; shuffling the shards would cost
+a second write of every radiograph.
+
 For synthetic exports, ``translate_ground_truth`` writes data/oracle/ground_truth.parquet
 (image_id, t_score, true_label) from the generator's ground truth CSV, for the oracle AUC.
 """
