@@ -210,17 +210,6 @@ def _subsample(pixels: np.ndarray) -> np.ndarray:
     return pixels[::step, ::step]
 
 
-def pixel_problem(pixels: np.ndarray) -> str:
-    """Why a pixel array cannot be a raw radiograph, or an empty string when it can."""
-    if pixels.ndim != 2:
-        return f"pixel array has {pixels.ndim} dimensions, expected 2"
-    if pixels.dtype.kind != "u":
-        return f"pixel array has dtype {pixels.dtype}, expected unsigned integers"
-    if pixels.size == 0:
-        return "pixel array is empty"
-    return ""
-
-
 def image_statistics(pixels: np.ndarray, encoding: PixelEncoding) -> dict[str, float]:
     """Compute the statistics of one radiograph, cheaply.
 

@@ -17,8 +17,8 @@ Each image file is read once, by a few threads: its bytes give the sha256, the h
 the decoded stored pixel values and their statistics (``osteo.radiograph``). The pixels of
 the accepted images go to local shards of ``preprocess.shard_size`` images, in file name order
 under neutral member names, which the pseudonymise stage publishes as they are; no later stage
-reads the export's images again. The records carry the
-header's display attributes and the image statistics, nothing else of the header.
+reads the export's images again. The records carry the header's display attributes and the
+image statistics, nothing else of the header.
 
 What counts as a record: every file of images/, every image name that annotations.csv mentions
 but images/ lacks, and every patients.csv row no image refers to (including duplicate and
@@ -845,41 +845,6 @@ def _quarantine_orphan_patients(
     return len(orphans)
 
 
-@dataclass
-class Joining:
-    """Joins each image, as it is read, with its annotations and patient (``judge_image``).
-
-    Attributes:
-        by_image: the annotations of every image of images/.
-        patients: patients.csv indexed by patient_ref.
-        min_readers: accredited readers an image needs.
-        ledger: where rejected images and annotations go.
-        records: the accepted images' records, in file name order.
-        used: annotations used for a label so far.
-        readers: agreement between the accredited readers of the accepted images.
-    """
-
-    by_image: dict[str, list[Annotation]]
-    patients: dict[str, Patient]
-    min_readers: int
-    ledger: Ledger
-    records: list[dict[str, Any]] = field(default_factory=list)
-    used: int = 0
-    readers: ReaderAgreement = field(default_factory=lambda: ReaderAgreement())
-
-    def join(self, image: ImageFile) -> dict[str, Any] | None:
-        """The image's record when it is accepted; otherwise it is quarantined and None."""
-        annotations = self.by_image.get(image.name, [])
-        verdict = judge_image(image, annotations, self.patients, self.min_readers)
-        self.used += settle_annotations(annotations, verdict, self.ledger)
-        if verdict.record is None:
-            self.ledger.reject_record(image.source, verdict.reason, verdict.detail)
-            return None
-        self.records.append(verdict.record)
-        self.readers.add(verdict.used, verdict.record["label"])
-        return verdict.record
-
-
 def ingest_images(
     paths: list[Path], names: list[str], joining: Joining, pixel_dir: Path, shard_size: int,
 ) -> list[ImageFile]:
@@ -951,6 +916,41 @@ class ReaderAgreement:
                 for reader, counts in sorted(self.per_reader.items())
             },
         }
+
+
+@dataclass
+class Joining:
+    """Joins each image, as it is read, with its annotations and patient (``judge_image``).
+
+    Attributes:
+        by_image: the annotations of every image of images/.
+        patients: patients.csv indexed by patient_ref.
+        min_readers: accredited readers an image needs.
+        ledger: where rejected images and annotations go.
+        records: the accepted images' records, in file name order.
+        used: annotations used for a label so far.
+        readers: agreement between the accredited readers of the accepted images.
+    """
+
+    by_image: dict[str, list[Annotation]]
+    patients: dict[str, Patient]
+    min_readers: int
+    ledger: Ledger
+    records: list[dict[str, Any]] = field(default_factory=list)
+    used: int = 0
+    readers: ReaderAgreement = field(default_factory=ReaderAgreement)
+
+    def join(self, image: ImageFile) -> dict[str, Any] | None:
+        """The image's record when it is accepted; otherwise it is quarantined and None."""
+        annotations = self.by_image.get(image.name, [])
+        verdict = judge_image(image, annotations, self.patients, self.min_readers)
+        self.used += settle_annotations(annotations, verdict, self.ledger)
+        if verdict.record is None:
+            self.ledger.reject_record(image.source, verdict.reason, verdict.detail)
+            return None
+        self.records.append(verdict.record)
+        self.readers.add(verdict.used, verdict.record["label"])
+        return verdict.record
 
 
 def _annotation_counts(table: CsvTable, used: int, ledger: Ledger) -> dict[str, Any]:
