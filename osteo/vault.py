@@ -6,20 +6,22 @@ the ``identity_vault`` store, which only the ``svc_pseudonymise`` service identi
 administrator) may reach; on top of the store's access rules, every object is encrypted on the
 client, so the store operator sees neither names nor references:
 
-* one object per patient, ``patients/<HMAC-SHA256(index key, patient_ref)>``, holding the
-  pseudonym, patient_ref, first name, last name, birth date, creation time and the patient's
-  own random image key;
-* no object per image: an image's id is ``I`` + the first 16 hex digits of
+* one entry per patient, keyed ``patients/<HMAC-SHA256(index key, patient_ref)>``, holding
+  the pseudonym, patient_ref, first name, last name, birth date, creation time and the
+  patient's own random image key. Entries are encrypted one by one (AES-256-GCM, with the
+  entry key as associated data, so an entry copied under another key fails to decrypt) and
+  kept in 16 segment objects, ``segments/0`` to ``segments/f``, by the first hex digit of
+  their key: a list of entry digests and sealed entries, which names and reveals nobody;
+* no entry per image: an image's id is ``I`` + the first 16 hex digits of
   ``HMAC-SHA256(patient's image key, sha256 of the image file)``. It is as stable as the
   patient's entry and cannot be computed without it, so deleting a patient's entry (retention,
-  erasure) cuts the link from that patient's images to their export files too. One request per
-  patient, not one per image, makes the vault's cost.
+  erasure) cuts the link from that patient's images to their export files too.
 
-Object keys are keyed hashes, so looking a patient up needs no plaintext listing and a listing
-reveals nothing. Bodies are AES-256-GCM with the object key as associated data, so a body copied
-under another key fails to decrypt. Pseudonyms are created with a conditional write
-(``If-None-Match: *``): when two runs race for the same patient, the second one reads back the
-first one's pseudonym instead of overwriting it.
+Looking patients up costs one read per segment, whatever the number of patients, and adding
+patients one conditional write per segment that changed: a segment is written only if its
+ETag is still the one read (``If-Match``, ``If-None-Match: *`` for a new segment). When two
+runs race, the second one reads the segment again and takes the first one's pseudonyms instead
+of overwriting them. Entry keys are keyed hashes, so a lookup needs no plaintext listing.
 
 The two 32-byte keys (data key and index key) live outside the stores, in a JSON key file named
 by ``OSTEO_VAULT_KEY_FILE`` (default ``.osteo/vault.key`` under the project directory). It is
@@ -60,11 +62,15 @@ VAULT_ROLE = "svc_pseudonymise"
 STORE = "identity_vault"
 KEY_BYTES = 32
 PATIENT_PREFIX = "patients/"
+SEGMENT_PREFIX = "segments/"
 
 # Body layout: format tag, 12-byte GCM nonce, ciphertext with its 16-byte tag.
 _BODY_TAG = b"OSV1"
 _NONCE_BYTES = 12
 _WORKERS = 8
+_WRITE_ATTEMPTS = 5  # reads and conditional writes of one segment before giving up
+_SEGMENT_TAG = b"OSVS1\n"
+_DIGEST_BYTES = 32
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 
 
@@ -122,13 +128,13 @@ class VaultEntryInfo:
     """What the retention flow learns of one vault entry; nothing in it identifies a person.
 
     Attributes:
-        key: the entry's object key (a keyed hash).
+        key: the entry's key (``patients/`` and a keyed hash; its segment is ``segment_key``).
         kind: ``patient`` (the only kind of entry; image ids derive from it).
         pseudonym: the patient pseudonym the entry maps to.
-        created_at: when the entry was created (its ``created_at``; else the store's
-            LastModified, the same instant since entries are never rewritten).
-        size: the stored object's size in bytes.
-        sha256: sha256 of the stored (encrypted) object, for the audit trail.
+        created_at: when the entry was created (its ``created_at``; else its segment's
+            LastModified).
+        size: the sealed (encrypted) entry's size in bytes.
+        sha256: sha256 of the sealed entry, for the audit trail.
     """
 
     key: str
@@ -274,11 +280,18 @@ class IdentityVault:
         keys = load_or_create_keys(key_file_path(project_dir))
         return cls(keys, s3_client(role), bucket(STORE))
 
-    # ------------------------------------------------------------------ object keys
+    # ------------------------------------------------------------------ keys
 
     def patient_key(self, patient_ref: str) -> str:
-        """Object key of a patient: a keyed hash of the reference, never the reference itself."""
+        """Key of a patient's entry: a keyed hash of the reference, never the reference itself."""
         return PATIENT_PREFIX + self._index(patient_ref)
+
+    @staticmethod
+    def segment_key(entry_key: str) -> str:
+        """Object key of the segment holding an entry: the entry hash's first hex digit."""
+        if not entry_key.startswith(PATIENT_PREFIX) or len(entry_key) == len(PATIENT_PREFIX):
+            raise VaultError(f"{entry_key} is not an identity-vault entry key")
+        return SEGMENT_PREFIX + entry_key[len(PATIENT_PREFIX)]
 
     def _index(self, value: str) -> str:
         return hmac.new(self._index_key, value.encode("utf-8"), hashlib.sha256).hexdigest()
@@ -291,7 +304,8 @@ class IdentityVault:
         """Pseudonyms of patients and ids of their images, entries created for newcomers.
 
         Existing entries are read, missing ones are created with a fresh random pseudonym and
-        image key, a few requests at a time; image ids are derived from their patient's entry.
+        image key: one read per segment, and one conditional write per segment that gained
+        entries, a few segments at a time. Image ids are derived from their patient's entry.
 
         Args:
             patients: identities, one per patient_ref (later duplicates are ignored).
@@ -307,18 +321,16 @@ class IdentityVault:
             KeyError: when an image names a patient_ref that is not among ``patients``.
         """
 
-        # 1. One object per patient, named by a keyed hash; one listing tells which exist.
+        # 1. The entries wanted, by segment.
         jobs = self._patient_jobs(patients)
-        existing = self._list_keys(PATIENT_PREFIX) if jobs else set()
+        by_segment: dict[str, dict[str, tuple[str, dict[str, str]]]] = {}
+        for key, job in jobs.items():
+            by_segment.setdefault(self.segment_key(key), {})[key] = job
 
-        # 2. Reads and conditional creations, concurrently.
+        # 2. Each segment read, completed and written back if it gained entries, concurrently.
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            futures = {
-                ref: pool.submit(self._read, key) if key in existing
-                else pool.submit(self._create, key, template)
-                for key, (ref, template) in jobs.items()
-            }
-            entries = {ref: future.result() for ref, future in futures.items()}
+            found = list(pool.map(lambda item: self._complete_segment(*item), by_segment.items()))
+        entries = {jobs[key][0]: outcome for outcomes in found for key, outcome in outcomes.items()}
 
         # 3. Pseudonyms, and image ids from each patient's image key.
         pseudonyms = {ref: entry["pseudonym"] for ref, (entry, _) in entries.items()}
@@ -346,16 +358,11 @@ class IdentityVault:
             The decrypted entry (pseudonym, patient_ref, names, birth_date, created_at).
 
         Raises:
-            VaultError: when the store refuses the request or the object fails to decrypt.
+            VaultError: when the store refuses the request or the entry fails to decrypt.
         """
         key = self.patient_key(patient_ref)
-        try:
-            body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except ClientError as error:
-            if _code(error) in {"NoSuchKey", "404"}:
-                return None
-            raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
-        return self._decrypt(key, body)
+        sealed = self._read_segment(self.segment_key(key)).entries.get(key)
+        return None if sealed is None else self._open(key, sealed)
 
     def _patient_jobs(
         self, patients: Iterable[PatientIdentity]
@@ -373,81 +380,111 @@ class IdentityVault:
             }))
         return jobs
 
+    def _complete_segment(
+        self, segment_key: str, jobs: dict[str, tuple[str, dict[str, str]]],
+    ) -> dict[str, tuple[dict[str, str], bool]]:
+        """Read the entries of one segment, adding the missing ones; entry key -> (entry, new).
+
+        The segment is written back only when entries were added, on the condition that
+        nobody wrote it since it was read. When another run did, the segment is read again
+        and that run's entries win over the ones made here.
+        """
+        for _ in range(_WRITE_ATTEMPTS):
+            segment = self._read_segment(segment_key)
+            outcomes: dict[str, tuple[dict[str, str], bool]] = {}
+            for key, (_, template) in jobs.items():
+                if key in segment.entries:
+                    outcomes[key] = (self._open(key, segment.entries[key]), False)
+                else:
+                    entry = template | {"created_at": _now()}
+                    segment.entries[key] = self._seal(key, entry)
+                    outcomes[key] = (entry, True)
+            if not any(created for _, created in outcomes.values()):
+                return outcomes
+            if self._write_segment(segment_key, segment):
+                return outcomes
+        raise VaultError(f"cannot write vault object {segment_key}: other runs kept changing it")
+
     # ------------------------------------------------------------------ storage
 
-    def _list_keys(self, prefix: str) -> set[str]:
-        keys: set[str] = set()
+    def _read_segment(self, key: str) -> _Segment:
+        """A segment's sealed entries and its ETag; an absent segment is empty."""
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            body = response["Body"].read()
+        except ClientError as error:
+            if _code(error) in {"NoSuchKey", "404"}:
+                return _Segment({}, None, None)
+            raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
+        except BotoCoreError as error:
+            raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
+        try:
+            entries = unpack_segment(body)
+        except ValueError:
+            raise VaultError(f"vault object {key} is not in the vault's format") from None
+        return _Segment(entries, response["ETag"], response.get("LastModified"))
+
+    def _write_segment(self, key: str, segment: _Segment) -> bool:
+        """Write a segment unless someone wrote it since it was read; False when someone did."""
+        condition = {"IfMatch": segment.etag} if segment.etag else {"IfNoneMatch": "*"}
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key,
+                                    Body=pack_segment(segment.entries), **condition)
+        except ClientError as error:
+            if _code(error) in _CONFLICT_CODES:
+                return False
+            raise VaultError(f"cannot write vault object {key}: {_code(error)}") from None
+        except BotoCoreError as error:
+            raise VaultError(f"cannot write vault object {key}: {_code(error)}") from None
+        return True
+
+    def _segment_keys(self) -> list[str]:
         try:
             pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix
+                Bucket=self.bucket, Prefix=SEGMENT_PREFIX
             )
-            for page in pages:
-                keys.update(item["Key"] for item in page.get("Contents", []))
+            return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
         except (ClientError, BotoCoreError) as error:
             raise VaultError(
                 f"cannot list the identity vault {self.bucket}: {_code(error)}"
             ) from None
-        return keys
 
-    def _read(self, key: str) -> tuple[dict[str, str], bool]:
-        """An existing entry, decrypted; the flag says it was not created by this call."""
-        try:
-            body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except (ClientError, BotoCoreError) as error:
-            raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
-        return self._decrypt(key, body), False
+    # ------------------------------------------------------------------ encryption
 
-    def _create(self, key: str, entry: dict[str, str]) -> tuple[dict[str, str], bool]:
-        """Write a new entry unless one exists; a concurrent run's entry wins and is read.
+    def _seal(self, key: str, entry: dict[str, str]) -> bytes:
+        """Encrypt one entry, bound to its key.
 
         Raises:
             UndeclaredFieldError: when the entry holds a field ``infra/fields.yaml`` does not
                 declare for the identity vault (control 4.22).
         """
-        entry = entry | {"created_at": _now()}
         check_fields(STORE, entry, f"identity vault entry {key}")
-        try:
-            self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=self._encrypt(key, entry), IfNoneMatch="*"
-            )
-        except ClientError as error:
-            if _code(error) in _CONFLICT_CODES:
-                return self._read(key)
-            raise VaultError(f"cannot write vault object {key}: {_code(error)}") from None
-        except BotoCoreError as error:
-            raise VaultError(f"cannot write vault object {key}: {_code(error)}") from None
-        return entry, True
-
-    # ------------------------------------------------------------------ encryption
-
-    def _encrypt(self, key: str, entry: dict[str, str]) -> bytes:
         nonce = secrets.token_bytes(_NONCE_BYTES)
         plaintext = json.dumps(entry, ensure_ascii=False).encode("utf-8")
         return _BODY_TAG + nonce + self._aead.encrypt(nonce, plaintext, key.encode())
 
-    def _decrypt(self, key: str, body: bytes) -> dict[str, str]:
-        if not body.startswith(_BODY_TAG):
-            raise VaultError(f"vault object {key} is not in the vault's format")
-        nonce = body[len(_BODY_TAG):len(_BODY_TAG) + _NONCE_BYTES]
-        ciphertext = body[len(_BODY_TAG) + _NONCE_BYTES:]
+    def _open(self, key: str, sealed: bytes) -> dict[str, str]:
+        if not sealed.startswith(_BODY_TAG):
+            raise VaultError(f"vault entry {key} is not in the vault's format")
+        nonce = sealed[len(_BODY_TAG):len(_BODY_TAG) + _NONCE_BYTES]
+        ciphertext = sealed[len(_BODY_TAG) + _NONCE_BYTES:]
         try:
             plaintext = self._aead.decrypt(nonce, ciphertext, key.encode())
         except InvalidTag:
             raise VaultError(
-                f"vault object {key} failed authentication: wrong vault key file, or the object "
+                f"vault entry {key} failed authentication: wrong vault key file, or the entry "
                 "was altered or moved"
             ) from None
         entry: dict[str, str] = json.loads(plaintext)
         return entry
-
 
     # ------------------------------------------------------------------ retention (4.19)
 
     def entry_infos(self) -> list[VaultEntryInfo]:
         """Every entry of the vault with what the retention flow needs, and nothing identifying.
 
-        Each entry is read and decrypted (concurrently) for its pseudonym and creation time;
-        the names, patient reference and birth date it holds are dropped at once.
+        Each entry is decrypted for its pseudonym and creation time; the names, patient
+        reference and birth date it holds are dropped at once.
 
         Returns:
             One description per patient entry, sorted by key.
@@ -455,54 +492,95 @@ class IdentityVault:
         Raises:
             VaultError: when the store refuses a request or an entry fails to decrypt.
         """
-        listed = self._list_objects(PATIENT_PREFIX)
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            infos = list(pool.map(lambda item: self._entry_info(*item), listed))
+            segments = list(pool.map(self._read_segment, self._segment_keys()))
+        infos = [self._entry_info(key, sealed, segment.last_modified)
+                 for segment in segments for key, sealed in segment.entries.items()]
         return sorted(infos, key=lambda info: info.key)
 
     def delete_entry(self, key: str) -> None:
         """Delete one entry (retention or erasure); deleting a missing entry is not an error.
 
         Args:
-            key: the entry's object key, as given by ``entry_infos``.
+            key: the entry's key, as given by ``entry_infos`` or ``patient_key``.
 
         Raises:
-            VaultError: when the key is not a vault entry key or the store refuses the deletion.
+            VaultError: when the key is not a vault entry key or the store refuses the write.
         """
-        if not key.startswith(PATIENT_PREFIX):
-            raise VaultError(f"{key} is not an identity-vault entry key")
-        try:
-            self._client.delete_object(Bucket=self.bucket, Key=key)
-        except (ClientError, BotoCoreError) as error:
-            raise VaultError(f"cannot delete vault object {key}: {_code(error)}") from None
+        segment_key = self.segment_key(key)
+        for _ in range(_WRITE_ATTEMPTS):
+            segment = self._read_segment(segment_key)
+            if segment.entries.pop(key, None) is None:
+                return
+            if self._write_segment(segment_key, segment):
+                return
+        raise VaultError(f"cannot write vault object {segment_key}: other runs kept changing it")
 
-    def _list_objects(self, prefix: str) -> list[tuple[str, int, datetime]]:
-        objects: list[tuple[str, int, datetime]] = []
-        try:
-            pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix
-            )
-            for page in pages:
-                objects.extend((item["Key"], int(item["Size"]), item["LastModified"])
-                               for item in page.get("Contents", []))
-        except (ClientError, BotoCoreError) as error:
-            raise VaultError(
-                f"cannot list the identity vault {self.bucket}: {_code(error)}"
-            ) from None
-        return objects
-
-    def _entry_info(self, key: str, size: int, last_modified: datetime) -> VaultEntryInfo:
-        try:
-            body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except (ClientError, BotoCoreError) as error:
-            raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
-        entry = self._decrypt(key, body)
+    def _entry_info(
+        self, key: str, sealed: bytes, last_modified: datetime | None,
+    ) -> VaultEntryInfo:
+        entry = self._open(key, sealed)
         created = entry.get("created_at")
         return VaultEntryInfo(
             key=key, kind="patient", pseudonym=entry.get("pseudonym", ""),
-            created_at=datetime.fromisoformat(created) if created else last_modified,
-            size=size, sha256=hashlib.sha256(body).hexdigest(),
+            created_at=(datetime.fromisoformat(created) if created
+                        else last_modified or datetime.now(UTC)),
+            size=len(sealed), sha256=hashlib.sha256(sealed).hexdigest(),
         )
+
+
+def pack_segment(entries: Mapping[str, bytes]) -> bytes:
+    """The bytes of a segment object: a format tag, then per entry (by key) its 32-byte digest,
+    the length of its sealed bytes (4 bytes, big-endian) and the sealed bytes.
+
+    A binary layout rather than text: sealed entries are random bytes, and a text encoding of
+    them (base64) would spell short words, names among them, far more often.
+    """
+    parts = [_SEGMENT_TAG]
+    for key, sealed in sorted(entries.items()):
+        parts += [_entry_digest(key), len(sealed).to_bytes(4, "big"), sealed]
+    return b"".join(parts)
+
+
+def unpack_segment(body: bytes) -> dict[str, bytes]:
+    """The sealed entries of a segment object, by entry key (see ``pack_segment``).
+
+    Raises:
+        ValueError: when the bytes are not a segment.
+    """
+    if not body.startswith(_SEGMENT_TAG):
+        raise ValueError("not a vault segment")
+    entries, position = {}, len(_SEGMENT_TAG)
+    while position < len(body):
+        digest = body[position:position + _DIGEST_BYTES]
+        length = int.from_bytes(body[position + _DIGEST_BYTES:position + _DIGEST_BYTES + 4], "big")
+        position += _DIGEST_BYTES + 4
+        sealed = body[position:position + length]
+        if len(digest) < _DIGEST_BYTES or len(sealed) < length:
+            raise ValueError("truncated vault segment")
+        entries[PATIENT_PREFIX + digest.hex()] = sealed
+        position += length
+    return entries
+
+
+def _entry_digest(key: str) -> bytes:
+    try:
+        digest = bytes.fromhex(key.removeprefix(PATIENT_PREFIX))
+    except ValueError:
+        digest = b""
+    if not key.startswith(PATIENT_PREFIX) or len(digest) != _DIGEST_BYTES:
+        raise VaultError(f"{key} is not an identity-vault entry key")
+    return digest
+
+
+@dataclass
+class _Segment:
+    """One segment object: sealed entries by entry key, its ETag (None when absent)."""
+
+    entries: dict[str, bytes]
+    etag: str | None
+    last_modified: datetime | None
+
 
 def _image_key(entry: dict[str, str]) -> str:
     """The patient's image key; entries written before image keys existed have none."""

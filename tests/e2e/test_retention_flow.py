@@ -37,7 +37,7 @@ from osteo.patient_files import PatientFileStore
 from osteo.runtime import prepare_environment
 from osteo.seaweed import EmbeddedS3
 from osteo.storage import s3_client
-from osteo.vault import IdentityVault, PatientIdentity
+from osteo.vault import IdentityVault, PatientIdentity, unpack_segment
 from tasks.retention import RetentionReport
 from tests.e2e.conftest import new_project
 
@@ -100,12 +100,19 @@ def clock(day: date) -> Any:
 
 
 def contents() -> dict[str, set[str]]:
-    """Every key of every store, as the administrator lists them."""
+    """Every key of every store, as the administrator lists them; for the identity vault, the
+    keys of the entries its segment objects hold (keyed hashes, readable without the key)."""
     client = s3_client("administrator")
     listing: dict[str, set[str]] = {}
     for store in STORES:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket(store))
         listing[store] = {o["Key"] for page in pages for o in page.get("Contents", [])}
+    listing["identity_vault"] = {
+        entry
+        for key in listing["identity_vault"]
+        for entry in unpack_segment(
+            client.get_object(Bucket=bucket("identity_vault"), Key=key)["Body"].read())
+    }
     return listing
 
 

@@ -21,6 +21,8 @@ from osteo.vault import (
     VaultKeys,
     key_file_path,
     load_or_create_keys,
+    pack_segment,
+    unpack_segment,
 )
 
 pytestmark = pytest.mark.s3
@@ -170,18 +172,48 @@ def test_another_key_file_cannot_read_the_vault_entries(
         thief.find_patient(ALICE.patient_ref)
 
 
-def test_body_moved_under_another_key_fails_authentication(
+def test_entry_moved_under_another_key_fails_authentication(
     s3_env: EmbeddedS3, tmp_path: Path
 ) -> None:
     vault = open_vault(tmp_path / "vault.key")
     vault.pseudonymise_patients([ALICE])
     admin = s3_client("administrator")
-    body = admin.get_object(Bucket=vault.bucket, Key=vault.patient_key(ALICE.patient_ref))
-    admin.put_object(Bucket=vault.bucket, Key=vault.patient_key("VAULT-REF-MOVED"),
-                     Body=body["Body"].read())
+    alice, moved = vault.patient_key(ALICE.patient_ref), vault.patient_key("VAULT-REF-MOVED")
+    target = segment_entries(vault, moved) | {moved: segment_entries(vault, alice)[alice]}
+    admin.put_object(Bucket=vault.bucket, Key=vault.segment_key(moved), Body=pack_segment(target))
 
     with pytest.raises(VaultError, match="failed authentication"):
         vault.find_patient("VAULT-REF-MOVED")
+
+
+def segment_entries(vault: IdentityVault, entry_key: str) -> dict[str, bytes]:
+    """The sealed entries of the segment that holds an entry key, as stored (none if absent)."""
+    admin = s3_client("administrator")
+    try:
+        response = admin.get_object(Bucket=vault.bucket, Key=vault.segment_key(entry_key))
+    except ClientError:
+        return {}
+    return unpack_segment(response["Body"].read())
+
+
+def test_two_runs_adding_patients_to_one_segment_keep_both(
+    s3_env: EmbeddedS3, tmp_path: Path
+) -> None:
+    """A run that read a segment before another run wrote it must not overwrite it."""
+    key_file = tmp_path / "vault.key"
+    first, second = open_vault(key_file), open_vault(key_file)
+    patients = [PatientIdentity(f"VAULT-RACE-{n}", "Ann", "Race", "") for n in range(40)]
+    segment = first.segment_key(first.patient_key(patients[0].patient_ref))
+    same = [p for p in patients if first.segment_key(first.patient_key(p.patient_ref)) == segment]
+    assert len(same) >= 2
+    stale = second._read_segment(segment)
+
+    ours = first.pseudonymise_patients(same[:1]).ids
+    assert not second._write_segment(segment, stale)  # the ETag it read is no longer current
+    theirs = second.pseudonymise_patients(same[1:2]).ids
+
+    again = open_vault(key_file).pseudonymise_patients(same[:2])
+    assert again.created == 0 and again.ids == ours | theirs
 
 
 # ---------------------------------------------------------------------------------- privacy
@@ -202,7 +234,7 @@ def test_vault_objects_hold_no_name_reference_or_birth_date_in_clear(
 
     objects = raw_objects(vault)
 
-    ours = {vault.patient_key(ALICE.patient_ref), vault.patient_key(BRUNO.patient_ref)}
+    ours = {vault.segment_key(vault.patient_key(p.patient_ref)) for p in (ALICE, BRUNO)}
     assert ours <= set(objects)
     for key, body in objects.items():
         assert not [value for value in identifying if value in key.encode() or value in body]
@@ -217,9 +249,9 @@ def test_an_entry_with_an_undeclared_field_is_not_written(
     key = vault.patient_key(ALICE.patient_ref)
 
     with pytest.raises(UndeclaredFieldError, match="nickname"):
-        vault._create(key, {"pseudonym": "P0123456789abcdef", "nickname": "Al"})
+        vault._seal(key, {"pseudonym": "P0123456789abcdef", "nickname": "Al"})
 
-    assert key not in raw_objects(vault)
+    assert key not in segment_entries(vault, key)
 
 
 def test_data_scientist_cannot_read_a_vault_object(s3_env: EmbeddedS3, tmp_path: Path) -> None:
@@ -228,7 +260,8 @@ def test_data_scientist_cannot_read_a_vault_object(s3_env: EmbeddedS3, tmp_path:
     scientist = s3_client("data_scientist")
 
     with pytest.raises(ClientError) as refused:
-        scientist.get_object(Bucket=vault.bucket, Key=vault.patient_key(ALICE.patient_ref))
+        scientist.get_object(Bucket=vault.bucket,
+                             Key=vault.segment_key(vault.patient_key(ALICE.patient_ref)))
 
     assert refused.value.response["Error"]["Code"] == "AccessDenied"
 
@@ -236,3 +269,18 @@ def test_data_scientist_cannot_read_a_vault_object(s3_env: EmbeddedS3, tmp_path:
 def test_data_scientist_role_cannot_open_the_vault(s3_env: EmbeddedS3, tmp_path: Path) -> None:
     with pytest.raises(VaultError, match="AccessDenied"):
         open_vault(tmp_path / "vault.key", role="data_scientist").pseudonymise_patients([ALICE])
+
+
+def test_a_truncated_segment_is_refused_naming_the_object(
+    s3_env: EmbeddedS3, tmp_path: Path
+) -> None:
+    vault = open_vault(tmp_path / "vault.key")
+    vault.pseudonymise_patients([ALICE])
+    key = vault.patient_key(ALICE.patient_ref)
+    body = pack_segment(segment_entries(vault, key))
+    assert unpack_segment(body) == segment_entries(vault, key)
+    s3_client("administrator").put_object(Bucket=vault.bucket, Key=vault.segment_key(key),
+                                          Body=body[:-5])
+
+    with pytest.raises(VaultError, match=f"{vault.segment_key(key)} is not in the vault's format"):
+        vault.find_patient(ALICE.patient_ref)
