@@ -3,8 +3,9 @@ preparation to a bare decode-and-resize loop over the same files (target: at mos
 
 The bare loop is what any preparation must do at the very least: read each export file, decode
 its pixels and resize them with the same antialiased bilinear resize the pipeline uses, in one
-thread. The stages use a few threads for their per-image work; the CPU seconds (of every
-thread of the process) show what that work costs apart from its spread over the cores. The
+thread. The ingest stage spreads its per-image work over one worker process per core; the CPU
+seconds (of every thread of this process and of the finished worker processes, not of the
+SeaweedFS server) show what the work costs apart from its spread over the cores. The
 stages are run in-process through the same functions the Prefect tasks and ``dvc repro`` call,
 against a real embedded SeaweedFS server (the pseudonymise stage writes the identity vault).
 With ``--flow`` the whole Prefect flow (with DVC commit, without push) is timed as well, to show
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -35,11 +37,18 @@ from osteo.runtime import prepare_environment, set_param
 from osteo.seaweed import EmbeddedS3
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have ended (the ingest workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def bare_decode_and_resize(images: list[Path], size: int) -> tuple[float, float]:
     """Wall and CPU seconds to decode every file and resize it, nothing else, in one loop."""
     from tasks.preprocess import resize_bilinear, single_threaded
 
-    started, cpu = time.perf_counter(), time.process_time()
+    started, cpu = time.perf_counter(), cpu_seconds()
     with single_threaded():
         for path in images:
             if path.suffix == ".dcm":
@@ -48,7 +57,7 @@ def bare_decode_and_resize(images: list[Path], size: int) -> tuple[float, float]
                 with Image.open(path) as image:
                     pixels = np.asarray(image)
             resize_bilinear(pixels.astype(np.float32), size)
-    return time.perf_counter() - started, time.process_time() - cpu
+    return time.perf_counter() - started, cpu_seconds() - cpu
 
 
 def run_stages(project: Path) -> list[tuple[str, int, float, float]]:
@@ -58,10 +67,10 @@ def run_stages(project: Path) -> list[tuple[str, int, float, float]]:
     layout, params = Layout(project), load_params(project)
     timings = []
     for name, stage in DATA_STAGES.items():
-        started, cpu = time.perf_counter(), time.process_time()
+        started, cpu = time.perf_counter(), cpu_seconds()
         summary = stage.fn(layout, params)
         timings.append((name, summary.records_in, time.perf_counter() - started,
-                        time.process_time() - cpu))
+                        cpu_seconds() - cpu))
     return timings
 
 

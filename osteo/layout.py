@@ -13,9 +13,9 @@ Formats:
   columns of ``osteo.quarantine.COLUMNS``;
 * pixels are stored in shards (``osteo.shards``): uncompressed ``.npz`` archives holding up to
   ``shard_size`` images, so DVC handles a few large objects instead of thousands of small ones.
-  The raw radiographs ingest decoded are members named by a neutral rank (each record names
-  its ``shard`` and ``member``), so their shards pass from ``work/`` to ``data/`` as they are;
-  the prepared images are members named by pseudonymous image id.
+  The model inputs ingest made are members named by a neutral rank (each record names its
+  ``shard`` and ``member``), so their shards pass from ``work/`` to ``data/`` as they are; the
+  prepared images (the accepted ones only) are members named by pseudonymous image id.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Layout:
         return self.pseudonymised_dir / "records.parquet"
 
     @property
-    def raw_pixel_dir(self) -> Path:
+    def pseudonymised_pixel_dir(self) -> Path:
         return self.pseudonymised_dir / "pixels"
 
     # validate

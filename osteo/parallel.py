@@ -1,10 +1,9 @@
-"""Work on many images with a few threads, in order, holding only a bounded number in memory.
+"""Work on many images with an executor, in order, holding only a bounded number in memory.
 
-The per-image work of the pipeline (reading, hashing, decoding, resizing) spends most of its
-time in code that releases the interpreter lock (file reads, hashlib, NumPy, torch), so threads
-share it between the cores without the start-up cost of worker processes. ``Executor.map``
-would submit every item at once and keep every finished result (a decoded radiograph each)
-until the caller reaches it; ``ordered_map`` keeps at most ``ahead`` items in flight.
+The ingest stage hands batches of export files to worker processes and joins their results in
+file name order. ``Executor.map`` would submit every batch at once and keep every finished
+result (model inputs and records) until the caller reaches it; ``ordered_map`` keeps at most
+``ahead`` calls in flight, with any ``concurrent.futures`` executor.
 """
 
 from __future__ import annotations

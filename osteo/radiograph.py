@@ -1,10 +1,11 @@
 """One radiograph's pixels: stored values decoded once, display attributes, image statistics.
 
 The ingest stage reads every export file once; while its bytes are in memory it decodes the
-stored pixel values with the functions here, measures them (``image_statistics``) and keeps
-only what later stages need: the pixels as uint16, the display attributes of the DICOM header
-(modality, photometric interpretation, bits stored, rescale, window, rows and columns) and the
-statistics. No identifying attribute of the header leaves this module.
+stored pixel values with the functions here, measures them (``image_statistics``), turns them
+into the model's input (``tasks.preprocess.to_model_input``) and keeps only what later stages
+need: the model input, the display attributes of the DICOM header (modality, photometric
+interpretation, bits stored, rescale, window, rows and columns) and the statistics. No
+identifying attribute of the header leaves this module.
 
 Statistics are cheap by design. Extremes (minimum, maximum, bits used) come from every pixel;
 mean, spread, percentiles, saturation shares and texture from a strided subsample of about

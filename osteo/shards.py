@@ -1,9 +1,8 @@
 """Pixel shards: images stored many to a file, each under a member name.
 
 A shard is an uncompressed ``.npz`` archive (``shard-00000.npz``, ``shard-00001.npz``, …) that
-``numpy.load`` reads. Each member is one image array; arrays keep their own shape and dtype, so
-raw radiographs of different sizes and resized float16 images use the same format. Members are
-named by pseudonymous image id, or by a neutral rank where a shard is published as it was
+``numpy.load`` reads. Each member is one image array, with its own shape and dtype. Members
+are named by pseudonymous image id, or by a neutral rank where a shard is published as it was
 written (``link_shards``). Loading is lazy: ``read_shard`` returns a mapping that reads an image
 only when it is accessed.
 

@@ -9,16 +9,19 @@ detail naming its file and row, and the good records continue.
 Reads    the export directory ``export.path``: patients.csv, annotations.csv, images/
 Writes   work/ingest/records.parquet   one row per accepted image, identifiable (local only)
          work/ingest/manifest.csv      file, bytes, sha256 of every file of the export
-         work/ingest/pixels/shard-*    decoded stored values (uint16) of the accepted images
+         work/ingest/pixels/shard-*    model inputs (float16, preprocess.size squared) of the
+                                       accepted images
          data/quarantine/ingest.csv    every rejected record and annotation, with its reason
          reports/ingest.json           counts (unit ``record``), annotation and reader figures
 
-Each image file is read once, by a few threads: its bytes give the sha256, the header check,
-the decoded stored pixel values and their statistics (``osteo.radiograph``). The pixels of
+Each image file is read once, by one worker process per core: its bytes give the sha256, the
+header check, the decoded stored pixel values, their statistics (``osteo.radiograph``) and the
+model input (``tasks.preprocess.to_model_input``, at ``preprocess.size``). The model inputs of
 the accepted images go to local shards of ``preprocess.shard_size`` images, in file name order
 under neutral member names, which the pseudonymise stage publishes as they are; no later stage
-reads the export's images again. The records carry the header's display attributes and the
-image statistics, nothing else of the header.
+reads the export's images again, and the full-resolution pixels are never written. The records
+carry the header's display attributes, the image statistics and, for an image of which no model
+input can be made, why (``input_reason``, ``input_detail``), nothing else of the header.
 
 What counts as a record: every file of images/, every image name that annotations.csv mentions
 but images/ lacks, and every patients.csv row no image refers to (including duplicate and
@@ -55,15 +58,19 @@ import hashlib
 import io
 import logging
 import math
+import multiprocessing
+import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -91,6 +98,7 @@ from osteo.radiograph import (
 )
 from osteo.shards import ShardWriter
 from osteo.summary import StageSummary
+from tasks.preprocess import ImageRejected, setting, single_threaded, to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -106,21 +114,23 @@ TIE_LABEL = "osteoporosis"
 IMAGE_FORMATS = {".dcm": "dicom", ".png": "png"}
 INTEGER_COLUMNS = {"bits_stored", "rows", "columns", "height", "width", "min_side",
                    "stored_min", "stored_max", "bits_used"}
-PIXEL_COLUMNS = (*ATTRIBUTE_COLUMNS, *STAT_COLUMNS)
+INPUT_COLUMNS = ("input_reason", "input_detail")
+PIXEL_COLUMNS = (*ATTRIBUTE_COLUMNS, *STAT_COLUMNS, *INPUT_COLUMNS)
+STRING_COLUMNS = {"modality", "photometric", *INPUT_COLUMNS}
 RECORD_SCHEMA = pa.schema([
     ("image", pa.string()), ("sha256", pa.string()), ("format", pa.string()),
     ("patient_ref", pa.string()), ("first_name", pa.string()), ("last_name", pa.string()),
     ("age", pa.float64()), ("sex", pa.string()), ("bmi", pa.float64()), ("label", pa.string()),
     ("n_readers", pa.int64()), ("reader_agreement", pa.float64()), ("birth_date", pa.string()),
-    *[(column, pa.string() if column in ("modality", "photometric")
+    *[(column, pa.string() if column in STRING_COLUMNS
        else pa.int64() if column in INTEGER_COLUMNS else pa.float64())
       for column in PIXEL_COLUMNS],
     ("pixel_shard", pa.string()), ("pixel_member", pa.string()),
 ])
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
-DEFAULT_SHARD_SIZE = 256
-_WORKERS = 4
+BATCH_IMAGES = 16  # images per unit of work of the worker processes
+WORKERS = os.cpu_count() or 1  # one worker process per core
 _MAX_DETAIL = 160
 _MAX_ROWS_IN_DETAIL = 10
 
@@ -290,17 +300,19 @@ def image_files(images_dir: Path) -> tuple[list[Path], list[str]]:
     return paths, [path.relative_to(images_dir).as_posix() for path in paths]
 
 
-def inspect_image(path: Path, name: str) -> tuple[ImageFile, Any]:
-    """Hash one file of images/, check that it is a usable radiograph and decode its pixels.
+def inspect_image(path: Path, name: str, size: int) -> tuple[ImageFile, np.ndarray | None]:
+    """Hash one file of images/, check that it is a usable radiograph and prepare its pixels.
 
     Args:
         path: the file.
         name: its name relative to images/.
+        size: side of the square model input (``preprocess.size``).
 
     Returns:
         The file's size, sha256, format, DICOM birth date, display attributes and statistics,
-        or the reason it is unusable; and its stored pixel values (uint16), or None when it
-        is unusable.
+        or the reason it is unusable; and its model input (``tasks.preprocess.to_model_input``),
+        or None when the file is unusable or no model input can be made of it. In the latter
+        case the fields ``input_reason`` and ``input_detail`` say why, for the validate stage.
     """
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
@@ -321,7 +333,21 @@ def inspect_image(path: Path, name: str) -> tuple[ImageFile, Any]:
         return replace(image, reason=error.reason, detail=error.detail), None
     except Exception as error:  # noqa: BLE001 - any decoder failure on untrusted bytes
         return replace(image, reason="undecodable_pixels", detail=_describe(error, path)), None
-    return replace(image, pixels=_pixel_fields(decoded)), decoded.pixels
+    fields = _pixel_fields(decoded) | dict.fromkeys(INPUT_COLUMNS)
+    try:
+        model_input = to_model_input(decoded.pixels, decoded.attributes, size)
+    except ImageRejected as rejection:
+        fields |= {"input_reason": rejection.reason, "input_detail": rejection.detail}
+        return replace(image, pixels=fields), None
+    return replace(image, pixels=fields), model_input
+
+
+def inspect_images(
+    paths: list[Path], names: list[str], size: int,
+) -> list[tuple[ImageFile, np.ndarray | None]]:
+    """``inspect_image`` for a batch of files on one torch thread: a worker's unit of work."""
+    with single_threaded():
+        return [inspect_image(path, name, size) for path, name in zip(paths, names, strict=True)]
 
 
 def _pixel_fields(decoded: Decoded) -> dict[str, Any]:
@@ -775,12 +801,12 @@ def ingest(layout: Layout, params: dict[str, Any]) -> StageSummary:
                                           ledger)
     _quarantine_orphan_annotations(orphans, ledger)
 
-    # 3. Every image read once (sha256, header check, pixels and their statistics) and joined
-    #    with its annotations and patient; the accepted images' pixels go to local shards.
+    # 3. Every image read once (sha256, header check, statistics and model input) and joined
+    #    with its annotations and patient; the accepted images' model inputs go to local shards.
     joining = Joining(by_image, patients, int(params.get("ingest", {}).get("min_readers", 1)),
                       ledger)
-    shard_size = int((params.get("preprocess") or {}).get("shard_size", DEFAULT_SHARD_SIZE))
-    images = ingest_images(paths, names, joining, layout.ingest_pixel_dir, shard_size)
+    size, shard_size = setting(params, "size"), setting(params, "shard_size")
+    images = ingest_images(paths, names, joining, layout.ingest_pixel_dir, shard_size, size)
     records, used, figures = joining.records, joining.used, joining.readers.figures()
     files_listed = write_manifest(export_dir, images, layout.manifest)
 
@@ -847,14 +873,15 @@ def _quarantine_orphan_patients(
 
 def ingest_images(
     paths: list[Path], names: list[str], joining: Joining, pixel_dir: Path, shard_size: int,
+    size: int,
 ) -> list[ImageFile]:
-    """Read, check, decode and join every image file, keeping the accepted images' pixels.
+    """Read, check, decode, prepare and join every image file, keeping the accepted model inputs.
 
-    Files are read by a few threads and joined in file name order, so the first of several
-    files with the same content is the one kept. The pixels of each accepted image go to the
-    local shards of ``pixel_dir`` under a neutral member name (its rank among the accepted
-    images), so that the shards can be published as they are by the pseudonymise stage; the
-    record names its shard and member.
+    Worker processes (``worker_pool``) inspect the files in batches; the results are joined
+    here in file name order, so the first of several files with the same content is the one
+    kept. The model input of each accepted image goes to the local shards of ``pixel_dir``
+    under a neutral member name (its rank among the accepted images), so that the shards can be
+    published as they are by the pseudonymise stage; the record names its shard and member.
 
     Args:
         paths: the files of images/, in file name order.
@@ -862,23 +889,45 @@ def ingest_images(
         joining: the annotations and patients to join with, and where the outcome goes.
         pixel_dir: work/ingest/pixels (old shards are removed).
         shard_size: images per shard.
+        size: side of the square model input.
 
     Returns:
         One entry per file, with its sha256 for the manifest.
     """
     files: list[ImageFile] = []
     first_of: dict[str, str] = {}
-    with ShardWriter(pixel_dir, shard_size) as writer, \
-            ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-        inspected = ordered_map(pool, inspect_image, paths, names, ahead=4 * _WORKERS)
-        for image, pixels in track(inspected, "checking and decoding images", total=len(paths)):
+    starts = range(0, len(paths), BATCH_IMAGES)
+    with ShardWriter(pixel_dir, shard_size) as writer, worker_pool() as pool:
+        batches = ordered_map(
+            pool, inspect_images, [paths[i:i + BATCH_IMAGES] for i in starts],
+            [names[i:i + BATCH_IMAGES] for i in starts], [size] * len(starts),
+            ahead=2 * WORKERS,
+        )
+        inspected = track(chain.from_iterable(batches), "checking and preparing images",
+                          total=len(paths))
+        for image, model_input in inspected:
             image = _mark_duplicate(image, first_of)
             record = joining.join(image)
-            if record is not None:
+            if record is not None and model_input is not None:
                 member = f"{len(joining.records) - 1:06d}"
-                record |= {"pixel_shard": writer.add(member, pixels), "pixel_member": member}
+                record |= {"pixel_shard": writer.add(member, model_input),
+                           "pixel_member": member}
             files.append(image)
     return files
+
+
+def worker_pool() -> ProcessPoolExecutor:
+    """``WORKERS`` processes for the per-image work, forked from this one where possible.
+
+    Parsing DICOM headers is Python code that holds the interpreter lock, so threads cannot
+    share it between the cores; processes can. Forked workers start in milliseconds with
+    NumPy, pydicom and torch already imported (a spawned one would import torch again, about
+    1.3 s). They only run ``inspect_images`` and return plain values: no lock, connection or
+    log handler of the parent is used in them.
+    """
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    return ProcessPoolExecutor(max_workers=WORKERS,
+                               mp_context=multiprocessing.get_context(method))
 
 
 @dataclass

@@ -1,17 +1,27 @@
-"""Preprocess stage: turn validated radiographs into the model's input images.
+"""Preprocess stage: the model's input images, and the function that makes them.
 
-Reads ``data/validated/records.parquet`` and the raw stored pixel values (uint16) of each accepted
-image from ``data/pseudonymised/pixels/shard-*.npz`` (the record's ``shard`` and ``member``).
-Writes ``data/prepared/pixels/shard-*.npz`` (float16, ``preprocess.size`` x ``preprocess.size``,
-values in [0, 1], bone bright, keyed by image id), ``data/prepared/records.parquet`` (image_id,
-patient_id, age, sex, bmi, label, shard), the rejected images with their reason in
-``data/quarantine/preprocess.csv`` and the stage summary ``reports/preprocess.json``.
+``to_model_input`` turns one radiograph's stored pixel values into the model's input image. It
+is applied where the pixels are decoded, once per image: the ingest stage's worker processes
+call it right after decoding each export file, so the full-resolution pixels are never written
+to disk nor read again (``preprocess.size`` is therefore a parameter of the ingest stage too).
+An image of which no model input can be made (an unusable window or rescale, a picture the
+window leaves uniform) is recorded with ``input_reason`` and quarantined by the validate stage
+with that reason.
 
-Control 4.22, minimise data at each step of the processing: past this stage only the pixels the
-model needs and the fields used for training and fairness checks travel on; acquisition
-attributes (photometric interpretation, rescale, window, bit depth) stop here. It also takes part
-in control 4.9, control all data used by the ML model: an image whose display window leaves a
-uniform picture is quarantined instead of reaching training.
+The stage itself reads ``data/validated/records.parquet`` and the model input of each accepted
+image from ``data/pseudonymised/pixels/shard-*.npz`` (the record's ``shard`` and ``member``),
+and writes ``data/prepared/pixels/shard-*.npz`` (float16, ``preprocess.size`` x
+``preprocess.size``, values in [0, 1], bone bright, keyed by image id) with only the accepted
+images, ``data/prepared/records.parquet`` (image_id, patient_id, age, sex, bmi, label, shard and
+``content_key``, the sha256 of the pixel array), the images whose model input is missing or of
+another size in ``data/quarantine/preprocess.csv`` and the stage summary
+``reports/preprocess.json``.
+
+Control 4.22, minimise data at each step of the processing: only the pixels the model needs
+leave ingest, at the model's size, and past this stage only the fields used for training and
+fairness checks travel on; acquisition attributes (photometric interpretation, rescale, window,
+bit depth) stop here. It also takes part in control 4.9, control all data used by the ML model:
+an image whose display window leaves a uniform picture never reaches training.
 
 Per image, in this order (``to_model_input``):
 
@@ -29,11 +39,11 @@ Per image, in this order (``to_model_input``):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +56,6 @@ from prefect import task
 
 from osteo.config import ConfigError
 from osteo.layout import Layout
-from osteo.parallel import ordered_map
 from osteo.progress import track
 from osteo.quarantine import Quarantine
 from osteo.shards import ShardWriter, read_shard
@@ -62,13 +71,9 @@ PERCENTILE_WINDOW = (0.5, 99.5)
 PERCENTILE_SAMPLE_PIXELS = 1 << 18
 # A windowed image whose values span less than this is blank for the model.
 UNIFORM_SPAN = 1e-3
-BATCH_IMAGES = 32  # images per unit of work of the thread pool
-_WORKERS = 2       # one thread per core: resizing and windowing release the interpreter lock
-PREPARED_COLUMNS = ["image_id", "patient_id", "age", "sex", "bmi", "label", "shard"]
-REQUIRED_COLUMNS = [
-    *PREPARED_COLUMNS, "member", "photometric", "rescale_slope", "rescale_intercept",
-    "window_center", "window_width", "rows", "columns",
-]
+PREPARED_COLUMNS = ["image_id", "patient_id", "age", "sex", "bmi", "label", "shard",
+                    "content_key"]
+REQUIRED_COLUMNS = [*PREPARED_COLUMNS[:-1], "member"]
 
 
 class PreprocessError(Exception):
@@ -137,7 +142,8 @@ def _resize_fit(image: np.ndarray, size: int) -> np.ndarray:
     PIL (``BILINEAR``, which widens its filter when downscaling) and torch (``antialias=True``)
     compute the same filter, agreeing to 1e-5. Torch on one thread is the fastest choice that
     stays fast when the cores are shared: its two-thread runs wait on each other as soon as
-    another process competes for a core. The stage therefore runs inside ``single_threaded``.
+    another process competes for a core. The ingest stage's workers, one per core, therefore
+    run it inside ``single_threaded``.
     Importing torch takes about 1.3 s, once per process.
     """
     rows, columns = image.shape
@@ -166,7 +172,7 @@ def to_model_input(pixels: np.ndarray, record: Mapping[str, Any], size: int = 22
     """Turn one radiograph's stored pixel values into the model's input image.
 
     Args:
-        pixels: 2-D array of stored pixel values (uint16 as written by the pseudonymise stage).
+        pixels: 2-D array of stored pixel values (uint16, as ``osteo.radiograph`` decodes them).
         record: the image's row: ``photometric``, ``rescale_slope``, ``rescale_intercept``,
             ``window_center``, ``window_width`` (window fields may be missing or NaN).
         size: side of the square output, in pixels.
@@ -318,7 +324,7 @@ def single_threaded() -> Iterator[None]:
 
 @task(name=STAGE)
 def preprocess(layout: Layout, params: dict[str, Any]) -> StageSummary:
-    """Prepare every validated image as a model input, shard by shard.
+    """Keep the model input of every validated image, or quarantine the image with its reason.
 
     Args:
         layout: the project's paths.
@@ -335,34 +341,31 @@ def preprocess(layout: Layout, params: dict[str, Any]) -> StageSummary:
 
     # 1. Read the settings and the validated records.
     started = time.perf_counter()
-    size, shard_size = _setting(params, "size"), _setting(params, "shard_size")
+    size, shard_size = setting(params, "size"), setting(params, "shard_size")
     records = read_stage_input(layout.validated_records, REQUIRED_COLUMNS, PreprocessError,
                                "validate")
     quarantine = Quarantine(STAGE)
 
-    # 2. Prepare the images a batch at a time, a few batches at once (see osteo.parallel);
-    #    the results are written in the records' order.
+    # 2. Copy each accepted model input to the prepared shards, under its image id, a
+    #    pseudonymised shard at a time.
     prepared: list[dict[str, Any]] = []
-    batches = list(_batches(layout.raw_pixel_dir, records))
-    with single_threaded(), ShardWriter(layout.prepared_pixel_dir, shard_size) as writer, \
-            ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-        outcomes = ordered_map(pool, prepare_shard, [source for source, _ in batches],
-                               [batch for _, batch in batches], [size] * len(batches),
-                               ahead=2 * _WORKERS)
-        for (source, _), results in zip(batches, track(outcomes, "preprocessing images",
-                                                       total=len(batches)), strict=True):
-            for record, outcome in results:
+    with ShardWriter(layout.prepared_pixel_dir, shard_size) as writer:
+        for source, batch in track(list(_batches(layout.pseudonymised_pixel_dir, records)),
+                                   "preparing images"):
+            for record, outcome in prepare_shard(source, batch, size):
                 if isinstance(outcome, ImageRejected):
                     quarantine.add(str(source.relative_to(layout.root)), outcome.reason,
                                    outcome.detail, record_id=record["image_id"])
-                else:
-                    prepared.append({**record, "shard": writer.add(record["image_id"], outcome)})
+                    continue
+                key = hashlib.sha256(outcome.tobytes()).hexdigest()
+                prepared.append({**record, "shard": writer.add(record["image_id"], outcome),
+                                 "content_key": key})
 
     # 3. Write the prepared records, the quarantine and the summary.
     return _finish(layout, records, prepared, quarantine, size, time.perf_counter() - started)
 
 
-def _setting(params: dict[str, Any], key: str) -> int:
+def setting(params: dict[str, Any], key: str) -> int:
     """A positive integer setting of the ``preprocess`` section."""
     value = (params.get(STAGE) or {}).get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -371,53 +374,47 @@ def _setting(params: dict[str, Any], key: str) -> int:
 
 
 def _batches(pixel_dir: Path, records: pd.DataFrame) -> Iterator[tuple[Path, pd.DataFrame]]:
-    """The records in batches of at most ``BATCH_IMAGES``, each from one raw pixel shard."""
+    """The records grouped by the pseudonymised shard that holds their model input."""
     for shard_name, group in records.groupby("shard", sort=True, dropna=False):
-        for start in range(0, len(group), BATCH_IMAGES):
-            yield pixel_dir / str(shard_name), group.iloc[start:start + BATCH_IMAGES]
+        yield pixel_dir / ("" if pd.isna(shard_name) else str(shard_name)), group
 
 
 def prepare_shard(
     source: Path, records: pd.DataFrame, size: int
 ) -> list[tuple[dict[str, Any], np.ndarray | ImageRejected]]:
-    """Prepare images of one raw pixel shard.
+    """The model inputs of the records of one pseudonymised shard, or why there is none.
 
     Args:
-        source: the raw shard file.
-        records: validated records whose pixels are in ``source``.
-        size: side of the square output, in pixels.
+        source: the shard file (the pixel directory itself for records without a shard).
+        records: validated records whose model inputs are in ``source``.
+        size: side of the square model input ``preprocess.size``.
 
     Returns:
         For each record, in order, the record's fields and either its model input or the
         rejection that sends it to the quarantine.
     """
     rows = records[REQUIRED_COLUMNS].to_dict("records")
-    if not source.exists():
+    if not source.is_file():
         absent = ImageRejected("missing_pixels", "the pixel shard named by the record is absent")
         return [(row, absent) for row in rows]
-    results: list[tuple[dict[str, Any], np.ndarray | ImageRejected]] = []
     with read_shard(source) as shard:
         available = set(shard.files)
-        for row in rows:
-            try:
-                results.append((row, to_model_input(_stored_pixels(shard, available, row),
-                                                    row, size)))
-            except ImageRejected as rejection:
-                results.append((row, rejection))
-    return results
+        return [(row, _model_input(shard, available, row, size)) for row in rows]
 
 
-def _stored_pixels(shard: Any, available: set[str], record: dict[str, Any]) -> np.ndarray:
-    """The raw pixels of one record, checked against the record's rows and columns."""
+def _model_input(
+    shard: Any, available: set[str], record: dict[str, Any], size: int,
+) -> np.ndarray | ImageRejected:
+    """The model input of one record, checked against the configured size."""
     if record["member"] not in available:
-        raise ImageRejected("missing_pixels", "the pixel shard holds no such image")
-    pixels: np.ndarray = shard[record["member"]]
-    if pixels.shape != (record["rows"], record["columns"]):
-        raise ImageRejected(
-            "shape_mismatch", f"pixel array is {'x'.join(map(str, pixels.shape))} but the "
-            f"record says {record['rows']}x{record['columns']}",
+        return ImageRejected("missing_pixels", "the pixel shard holds no such image")
+    image: np.ndarray = shard[record["member"]]
+    if image.shape != (size, size) or image.dtype != np.float16:
+        return ImageRejected(
+            "size_mismatch", f"the model input is {'x'.join(map(str, image.shape))} "
+            f"{image.dtype} but preprocess.size is {size}: run the ingest stage again",
         )
-    return pixels
+    return image
 
 
 def _finish(
@@ -425,7 +422,7 @@ def _finish(
     quarantine: Quarantine, size: int, seconds: float,
 ) -> StageSummary:
     """Write the prepared records, the quarantine and the summary; log the counts."""
-    table = pd.DataFrame(prepared, columns=REQUIRED_COLUMNS)[PREPARED_COLUMNS]
+    table = pd.DataFrame(prepared, columns=PREPARED_COLUMNS)
     layout.prepared_dir.mkdir(parents=True, exist_ok=True)
     table.to_parquet(layout.prepared_records, index=False)
     quarantine.write(layout.quarantine(STAGE))

@@ -12,14 +12,14 @@ the header never leaves ``work/``.
 
 Reads    work/ingest/records.parquet, work/ingest/pixels/shard-*   (identifiable, local)
 Writes   data/pseudonymised/records.parquet      no name, reference or birth date
-         data/pseudonymised/pixels/shard-*       stored pixel values (uint16); each record
-                                                 names its shard and member
+         data/pseudonymised/pixels/shard-*       model inputs (float16); each record names
+                                                 its shard and member
          data/quarantine/pseudonymise.csv        images whose pixels ingest did not keep
          reports/pseudonymise.json               counts (unit ``image``)
          work/pseudonymise/image_map.parquet     export file name -> image id (local only)
 
 The stage never reads the export itself: ingest decoded each image once and kept the accepted
-images' pixels in shards under neutral member names (their rank in file name order); those
+images' model inputs in shards under neutral member names (their rank in file name order); those
 shards are published here as they are, hard-linked rather than copied where the disk allows.
 Rows of the records table are ordered by image id, so their order does not follow the
 export's file names. Quarantine rows name the image by its image id only (reason
@@ -29,7 +29,7 @@ Limitation: the shards themselves keep the accepted images in the export's file 
 (member ``000017`` is the eighteenth accepted file by name). Nobody can tell which patient an
 image belongs to from that, but someone holding the export's list of file names could match
 members to file names, which the image ids alone do not allow; shuffling the shards would cost
-a second write of every radiograph.
+a second write of every image.
 
 For synthetic exports, ``translate_ground_truth`` writes data/oracle/ground_truth.parquet
 (image_id, t_score, true_label) from the generator's ground truth CSV, for the oracle AUC.
@@ -116,9 +116,10 @@ def pseudonymise(layout: Layout, params: dict[str, Any]) -> StageSummary:
     ).sort_values("image_id", ignore_index=True)
     vault_seconds = time.perf_counter() - started
 
-    # 3. The pixels ingest decoded, published as the pseudonymised shards.
+    # 3. The model inputs ingest made, published as the pseudonymised shards.
     quarantine = Quarantine(STAGE)
-    rows = write_shards(records, layout.ingest_pixel_dir, layout.raw_pixel_dir, quarantine)
+    rows = write_shards(records, layout.ingest_pixel_dir, layout.pseudonymised_pixel_dir,
+                        quarantine)
 
     # 4. Outputs: records without identity, quarantine, local image map, summary.
     write_records(rows, layout.pseudonymised_records)
@@ -130,7 +131,7 @@ def pseudonymise(layout: Layout, params: dict[str, Any]) -> StageSummary:
         extra={
             "patients": len(patients.ids), "new_patients": patients.created,
             "new_images": images.created,
-            "shards": len(shard_paths(layout.raw_pixel_dir)),
+            "shards": len(shard_paths(layout.pseudonymised_pixel_dir)),
             "seconds": {"vault": round(vault_seconds, 3),
                         "total": round(time.perf_counter() - started, 3)},
         },
@@ -174,10 +175,12 @@ def write_shards(
 ) -> list[dict[str, Any]]:
     """Publish the ingest stage's pixel shards as the pseudonymised shards.
 
-    Ingest kept the accepted images' stored values under neutral member names (their rank),
+    Ingest kept the accepted images' model inputs under neutral member names (their rank),
     so its shards hold no export file name and are published as they are: hard links, or
     copies where the disk has none (``osteo.shards.link_shards``). A record whose pixels are
-    not in its shard goes to quarantine.
+    not in its shard goes to quarantine; a record of which ingest could make no model input
+    (``input_reason``) has none and travels on without a shard, for the preprocess stage to
+    quarantine once validation has judged it.
 
     Args:
         records: ingested records with their ``image_id`` and ``patient_id``, in output order;
@@ -194,6 +197,9 @@ def write_shards(
     rows: list[dict[str, Any]] = []
     for item in track(records.to_dict("records"), "pseudonymising records"):
         shard, member = str(item.get("pixel_shard") or ""), str(item.get("pixel_member") or "")
+        if item.get("input_reason"):
+            rows.append(_pseudonymised_row(item, None, None))  # preprocess quarantines it
+            continue
         if member not in members.get(shard, set()):
             quarantine.add("work/ingest/records.parquet", "missing_pixels",
                            "the ingest stage kept no pixels for this image; run it again",
@@ -203,7 +209,9 @@ def write_shards(
     return rows
 
 
-def _pseudonymised_row(item: dict[str, Any], shard: str, member: str) -> dict[str, Any]:
+def _pseudonymised_row(
+    item: dict[str, Any], shard: str | None, member: str | None,
+) -> dict[str, Any]:
     row = {"image_id": item["image_id"], "patient_id": item["patient_id"]}
     return row | {column: item[column] for column in CARRIED_COLUMNS} | {
         "shard": shard, "member": member}
@@ -224,7 +232,7 @@ def write_image_map(records: pd.DataFrame, path: Path) -> None:
 
 def _outputs(layout: Layout) -> dict[str, str]:
     paths = {
-        "records": layout.pseudonymised_records, "pixels": layout.raw_pixel_dir,
+        "records": layout.pseudonymised_records, "pixels": layout.pseudonymised_pixel_dir,
         "quarantine": layout.quarantine(STAGE), "image_map": image_map_path(layout),
     }
     return {name: path.relative_to(layout.root).as_posix() for name, path in paths.items()}

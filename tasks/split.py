@@ -19,13 +19,13 @@ by ``split.seed`` and computed in an order set by the images' content (the sha25
 prepared pixel array), not by their pseudonyms. Pseudonyms are random and belong to one identity
 vault, so a practice that rebuilds its vault, or a reviewer who reruns the demo on a fresh clone,
 gets the same patients in the same splits from the same export and seed. The split table is
-written in that order too, so training sees its images in the same order. The content keys are
-used in memory only and never written.
+written in that order too, so training sees its images in the same order. The preprocess stage
+records each image's content key (``content_key``) when it writes the pixel array, so the split
+reads no pixels.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import warnings
@@ -39,7 +39,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from osteo.config import ConfigError
 from osteo.layout import Layout
-from osteo.shards import iter_images
+from osteo.shards import shard_members, shard_paths
 from osteo.summary import StageSummary
 from osteo.tables import read_stage_input
 
@@ -51,7 +51,7 @@ POSITIVE_LABEL = "osteoporosis"
 FEMALE = "F"
 # The most folds tried to express the fractions; 20 allows steps of 5 %.
 MAX_FOLDS = 20
-REQUIRED_COLUMNS = ["image_id", "patient_id", "sex", "label"]
+REQUIRED_COLUMNS = ["image_id", "patient_id", "sex", "label", "content_key"]
 
 
 class SplitError(Exception):
@@ -158,22 +158,24 @@ def assign_splits(
 
 
 def content_keys(records: pd.DataFrame, pixel_dir: Path) -> pd.Series:
-    """The sha256 of each image's prepared pixel array, indexed like ``records``.
+    """The content key of each image, checked to name an image of the prepared shards.
+
+    The key is the sha256 of the image's prepared pixel array, which the preprocess stage
+    records (``content_key``) as it writes the array; only the shards' member lists are read.
 
     Args:
-        records: one row per image with ``image_id``.
+        records: one row per image with ``image_id`` and ``content_key``.
         pixel_dir: data/prepared/pixels.
 
     Raises:
         SplitError: when an image of the records is in none of the shards.
     """
-    keys = {image_id: hashlib.sha256(pixels.tobytes()).hexdigest()
-            for image_id, pixels in iter_images(pixel_dir, records["image_id"])}
-    missing = sorted(set(records["image_id"]) - keys.keys())
+    stored = {member for path in shard_paths(pixel_dir) for member in shard_members(path)}
+    missing = sorted(set(records["image_id"]) - stored)
     if missing:
         raise SplitError(f"{pixel_dir} lacks {len(missing)} prepared image(s), the first "
                          f"{missing[0]}: run the preprocess stage again")
-    return records["image_id"].map(keys).rename("key")
+    return records["content_key"].rename("key")
 
 
 def ordered_by_key(records: pd.DataFrame, keys: pd.Series) -> pd.DataFrame:

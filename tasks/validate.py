@@ -82,7 +82,7 @@ def recorded_statistics(
 
     Args:
         records: the pseudonymised records (image_id, shard, member and ``STAT_COLUMNS``).
-        pixel_dir: the directory of raw pixel shards.
+        pixel_dir: the directory of the pseudonymised pixel shards.
 
     Returns:
         The statistics indexed by image id (columns ``STAT_COLUMNS``) of the images whose
@@ -634,7 +634,7 @@ class _StageRun:
         self.records_source = _relative(layout, layout.pseudonymised_records)
         shards = records["shard"] if "shard" in records else pd.Series("", index=records.index)
         self.pixel_sources = shards.map(
-            lambda shard: _relative(layout, layout.raw_pixel_dir / str(shard))
+            lambda shard: _relative(layout, layout.pseudonymised_pixel_dir / str(shard))
         )
         self.failures: dict[Hashable, list[tuple[str, str, str]]] = {}
         self.checks: list[Check] = []
@@ -658,11 +658,18 @@ class _StageRun:
         self.suite_digests[path.name] = _digest(path)
 
     def pixel_failures(self, stats: pd.DataFrame, unusable: dict[str, str]) -> None:
-        """Record the records whose pixels are absent from the shards or cannot be used."""
+        """Record the records whose pixels are absent from the shards or cannot be used.
+
+        A record of which ingest could make no model input (``input_reason``, e.g.
+        ``uniform_after_window``) has no pixels in the shards and fails with that reason.
+        """
+        problems = self.records.get("input_reason", pd.Series(dtype=object))
         for label, image_id in self.records["image_id"].items():
             if not isinstance(image_id, str) or image_id in stats.index:
                 continue
-            if image_id in unusable:
+            if isinstance(problems.get(label), str) and problems[label]:
+                reason, detail = problems[label], str(self.records.at[label, "input_detail"])
+            elif image_id in unusable:
                 reason, detail = "image_unusable", unusable[image_id]
             else:
                 reason, detail = "image_missing", "its shard holds no member of this name"
@@ -742,7 +749,7 @@ def validate(layout: Layout, params: dict[str, Any]) -> StageSummary:
 
     # 2. Per-image statistics, for the images whose pixels are stored.
     mark = time.perf_counter()
-    stats, unusable, orphans = recorded_statistics(run.records, layout.raw_pixel_dir)
+    stats, unusable, orphans = recorded_statistics(run.records, layout.pseudonymised_pixel_dir)
     run.pixel_failures(stats, unusable)
     timings["statistics_seconds"] = time.perf_counter() - mark
     if orphans:

@@ -25,6 +25,7 @@ from osteo.layout import Layout
 from osteo.shards import read_shard, shard_members, shard_paths
 from osteo.summary import StageSummary
 from tasks.ingest import ExportError, consensus, ingest
+from tasks.preprocess import to_model_input
 from tests.exports import (
     Annotation,
     Export,
@@ -267,7 +268,7 @@ def test_image_whose_pixels_cannot_be_decoded_is_quarantined(project_dir: Path) 
     assert "IMG0004.png" not in set(result.records["image"])
 
 
-def test_decoded_pixels_and_their_statistics_are_kept_for_the_next_stage(
+def test_each_image_is_decoded_once_into_its_model_input_and_statistics(
     project_dir: Path,
 ) -> None:
     export = make_export(project_dir)
@@ -275,15 +276,39 @@ def test_decoded_pixels_and_their_statistics_are_kept_for_the_next_stage(
     result = run_ingest(project_dir)
 
     pixel_dir = Layout(project_dir).ingest_pixel_dir
+    size = load_params(project_dir)["preprocess"]["size"]
     for spec in export.images:
         record = result.record(spec.name)
         path = export.images_dir / spec.name
-        expected = (pydicom.dcmread(path).pixel_array if spec.format == "dicom"
-                    else np.asarray(Image.open(path)))
+        stored = (pydicom.dcmread(path).pixel_array if spec.format == "dicom"
+                  else np.asarray(Image.open(path)))
         with read_shard(pixel_dir / record["pixel_shard"]) as shard:
-            np.testing.assert_array_equal(shard[record["pixel_member"]], expected)
-        assert (record["height"], record["width"]) == expected.shape
-        assert record["stored_max"] == expected.max()
+            model_input = shard[record["pixel_member"]]
+        np.testing.assert_array_equal(model_input, to_model_input(stored, record, size))
+        assert model_input.shape == (size, size) and model_input.dtype == np.float16
+        assert (record["height"], record["width"]) == stored.shape
+        assert record["stored_max"] == stored.max()
+        assert pd.isna(record["input_reason"])
+
+
+def test_an_image_no_model_input_can_be_made_of_is_recorded_with_the_reason(
+    project_dir: Path,
+) -> None:
+    """A window far above every stored value leaves a uniform picture: ingest keeps the record
+    and its statistics, for the validate stage to quarantine with the reason, but no pixels."""
+    export = make_export(project_dir)
+    path = export.images_dir / "IMG0001.dcm"
+    dataset = pydicom.dcmread(path)
+    dataset.WindowCenter, dataset.WindowWidth = 60000, 10
+    dataset.save_as(path)
+
+    result = run_ingest(project_dir)
+
+    record = result.record("IMG0001.dcm")
+    assert record["input_reason"] == "uniform_after_window"
+    assert "after windowing" in record["input_detail"]
+    assert pd.isna(record["pixel_shard"]) and record["stored_max"] > 0
+    assert result.summary.accepted == 5
 
 
 def test_only_accepted_images_keep_their_pixels_under_neutral_names(project_dir: Path) -> None:

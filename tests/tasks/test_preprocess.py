@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -165,40 +166,35 @@ def test_tibia_radiograph_shows_bone_brighter_than_air() -> None:
 
 
 def _validated_project(root: Path) -> Layout:
-    """Validated records and raw shards: three good images and five bad ones over two shards."""
+    """Validated records and pseudonymised shards: three good model inputs and three bad ones."""
     layout = Layout(root)
     rng = np.random.default_rng(3)
-    images = {
-        "Igood1": (rng.integers(0, 4096, (40, 30)).astype(np.uint16), _record()),
-        "Igood2": (rng.integers(0, 1024, (30, 40)).astype(np.uint16),
-                   _record(photometric="MONOCHROME1", window_center=512.0, window_width=600.0)),
-        "Igood3": (rng.integers(0, 4096, (32, 32)).astype(np.uint16), _record()),
-        "Iconst": (np.full((32, 32), 9, dtype=np.uint16), _record()),
-        "Iwidth": (rng.integers(0, 4096, (32, 32)).astype(np.uint16),
-                   _record(window_center=9.0, window_width=0.0)),
-        "Iblank": (rng.integers(0, 100, (32, 32)).astype(np.uint16),
-                   _record(window_center=5000.0, window_width=100.0)),
-        "Ishape": (rng.integers(0, 4096, (32, 32)).astype(np.uint16), _record()),
+    inputs = {
+        "Igood1": to_model_input(rng.integers(0, 4096, (40, 30)).astype(np.uint16), _record(),
+                                 size=24),
+        "Igood2": to_model_input(
+            rng.integers(0, 1024, (30, 40)).astype(np.uint16),
+            _record(photometric="MONOCHROME1", window_center=512.0, window_width=600.0), size=24),
+        "Igood3": to_model_input(rng.integers(0, 4096, (32, 32)).astype(np.uint16), _record(),
+                                 size=24),
+        "Isize": to_model_input(rng.integers(0, 4096, (32, 32)).astype(np.uint16), _record(),
+                                size=16),
     }
     rows = []
-    with ShardWriter(layout.raw_pixel_dir, shard_size=4) as writer:
-        for number, (image_id, (pixels, display)) in enumerate(images.items()):
-            shard = writer.add(image_id, pixels)
-            shape = (33, 32) if image_id == "Ishape" else pixels.shape
-            rows.append({"image_id": image_id, "patient_id": f"P{number:016x}", "age": 60 + number,
-                         "sex": "F", "bmi": 24.5, "label": "normal", "n_readers": 2,
-                         "reader_agreement": 1.0, "modality": "CR", "bits_stored": 12,
-                         "rows": shape[0], "columns": shape[1], "shard": shard,
-                         "member": image_id,
-                         "pixel_mean": float(pixels.mean()), **display})
-    rows.append({**rows[0], "image_id": "Imissing", "member": "Imissing",
-                 "shard": "shard-00009.npz"})
+    with ShardWriter(layout.pseudonymised_pixel_dir, shard_size=3) as writer:
+        for number, (image_id, image) in enumerate(inputs.items()):
+            rows.append({"image_id": image_id, "patient_id": f"P{number:016x}",
+                         "age": 60 + number, "sex": "F", "bmi": 24.5, "label": "normal",
+                         "n_readers": 2, "reader_agreement": 1.0,
+                         "shard": writer.add(f"{number:06d}", image), "member": f"{number:06d}"})
+    rows.append({**rows[0], "image_id": "Iabsent", "member": "000099"})
+    rows.append({**rows[0], "image_id": "Imissing", "shard": "shard-00009.npz"})
     layout.validated_dir.mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(layout.validated_records, index=False)
     return layout
 
 
-def test_stage_writes_prepared_shards_records_and_summary(tmp_path: Path) -> None:
+def test_stage_keeps_the_accepted_model_inputs_under_their_image_ids(tmp_path: Path) -> None:
     layout = _validated_project(tmp_path)
     params = {"preprocess": {"size": 24, "shard_size": 2}}
 
@@ -209,33 +205,31 @@ def test_stage_writes_prepared_shards_records_and_summary(tmp_path: Path) -> Non
     assert list(records["image_id"]) == ["Igood1", "Igood2", "Igood3"]
     assert len(shard_paths(layout.prepared_pixel_dir)) == 2
     images = dict(iter_images(layout.prepared_pixel_dir))
+    published = dict(iter_images(layout.pseudonymised_pixel_dir))
     assert set(images) == set(records["image_id"])
-    for image_id, shard in zip(records["image_id"], records["shard"], strict=True):
-        assert (layout.prepared_pixel_dir / shard).exists()
-        assert images[image_id].shape == (24, 24) and images[image_id].dtype == np.float16
+    for number, row in records.iterrows():
+        assert (layout.prepared_pixel_dir / row["shard"]).exists()
+        np.testing.assert_array_equal(images[row["image_id"]], published[f"{number:06d}"])
+        assert row["content_key"] == hashlib.sha256(images[row["image_id"]].tobytes()).hexdigest()
     written = json.loads(layout.summary("preprocess").read_text())
-    assert written["records_in"] == 8 and written["accepted"] == 3
+    assert written["records_in"] == 6 and written["accepted"] == 3
     assert written["extra"]["size"] == 24 and written["extra"]["shards"] == 2
-    assert summary.quarantined_total == 5
+    assert summary.quarantined_total == 3
 
 
-def test_bad_records_are_quarantined_with_their_reason(tmp_path: Path) -> None:
+def test_missing_or_wrongly_sized_model_inputs_are_quarantined(tmp_path: Path) -> None:
     layout = _validated_project(tmp_path)
 
     summary = preprocess.fn(layout, {"preprocess": {"size": 24, "shard_size": 2}})
 
     quarantine = pd.read_csv(layout.quarantine("preprocess"))
     reasons = dict(zip(quarantine["record_id"], quarantine["reason"], strict=True))
-    assert reasons == {
-        "Iconst": "constant_image", "Iwidth": "invalid_window", "Iblank": "uniform_after_window",
-        "Ishape": "shape_mismatch", "Imissing": "missing_pixels",
-    }
-    assert quarantine["detail"].str.len().min() > 10
+    assert reasons == {"Isize": "size_mismatch", "Iabsent": "missing_pixels",
+                       "Imissing": "missing_pixels"}
+    size_detail = quarantine.set_index("record_id").at["Isize", "detail"]
+    assert "16x16" in size_detail and "run the ingest stage again" in size_detail
     assert set(quarantine["stage"]) == {"preprocess"}
-    assert summary.quarantined == {
-        "constant_image": 1, "invalid_window": 1, "uniform_after_window": 1,
-        "shape_mismatch": 1, "missing_pixels": 1,
-    }
+    assert summary.quarantined == {"size_mismatch": 1, "missing_pixels": 2}
 
 
 def test_missing_validated_records_is_a_clear_error(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from osteo.shards import read_shard, shard_members, shard_paths
 from osteo.summary import StageSummary
 from osteo.vault import IdentityVault
 from tasks.ingest import ingest
+from tasks.preprocess import to_model_input
 from tasks.pseudonymise import (
     RECORD_COLUMNS,
     ground_truth_path,
@@ -121,21 +122,26 @@ def test_records_have_the_contract_columns_and_display_attributes(
 
 
 @pytest.mark.s3
-def test_pixels_are_the_stored_values_as_uint16(s3_env: EmbeddedS3, project: Project) -> None:
+def test_pixels_are_the_model_inputs_of_the_stored_values(
+    s3_env: EmbeddedS3, project: Project,
+) -> None:
     project.ingest()
     project.pseudonymise()
 
     records = project.by_image()
+    size = project.params["preprocess"]["size"]
     for spec in project.export.images:
-        with read_shard(project.layout.raw_pixel_dir / records.at[spec.name, "shard"]) as shard:
+        shard_path = project.layout.pseudonymised_pixel_dir / records.at[spec.name, "shard"]
+        with read_shard(shard_path) as shard:
             pixels = shard[records.at[spec.name, "member"]]
         path = project.export.images_dir / spec.name
-        expected = (pydicom.dcmread(path).pixel_array if spec.format == "dicom"
-                    else np.asarray(Image.open(path)))
-        assert pixels.dtype == np.uint16
-        np.testing.assert_array_equal(pixels, expected)
+        stored = (pydicom.dcmread(path).pixel_array if spec.format == "dicom"
+                  else np.asarray(Image.open(path)))
         if spec.name == "IMG0004.png":
-            np.testing.assert_array_equal(pixels, sample_pixels(seed=4))
+            np.testing.assert_array_equal(stored, sample_pixels(seed=4))
+        expected = to_model_input(stored, records.loc[spec.name].to_dict(), size)
+        assert pixels.dtype == np.float16 and pixels.shape == (size, size)
+        np.testing.assert_array_equal(pixels, expected)
 
 
 @pytest.mark.s3
@@ -145,7 +151,7 @@ def test_shards_are_published_without_a_copy_and_name_no_export_file(
     project.ingest()
     project.pseudonymise()
 
-    published = shard_paths(project.layout.raw_pixel_dir)
+    published = shard_paths(project.layout.pseudonymised_pixel_dir)
     members = [member for path in published for member in shard_members(path)]
     assert [path.name for path in published] == [
         path.name for path in shard_paths(project.layout.ingest_pixel_dir)]

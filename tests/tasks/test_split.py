@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -30,10 +31,12 @@ def _prepared_records(patients: int, seed: int = 0, prevalence: float = 0.3) -> 
         osteoporotic = rng.random() < prevalence
         for _ in range(rng.integers(1, 4)):
             label = osteoporotic if rng.random() > 0.1 else not osteoporotic
+            image_id = f"I{rng.integers(1 << 62):016x}"
             rows.append({
-                "image_id": f"I{rng.integers(1 << 62):016x}", "patient_id": f"P{patient:016x}",
+                "image_id": image_id, "patient_id": f"P{patient:016x}",
                 "age": int(rng.integers(40, 90)), "sex": sex, "bmi": 25.0,
                 "label": "osteoporosis" if label else "normal", "shard": "shard-00000.npz",
+                "content_key": hashlib.sha256(_pixels(image_id).tobytes()).hexdigest(),
             })
     return pd.DataFrame(rows)
 

@@ -67,7 +67,7 @@ def record(number: int, rng: np.random.Generator, **changes: Any) -> dict[str, A
         "n_readers": 2, "reader_agreement": 1.0, "modality": "CR", "photometric": "MONOCHROME2",
         "bits_stored": 12, "rescale_slope": 1.0, "rescale_intercept": 0.0,
         "window_center": None, "window_width": None, "rows": 64, "columns": 80,
-        "shard": "",
+        "input_reason": None, "input_detail": None, "shard": "",
     }
     return fields | changes
 
@@ -84,7 +84,7 @@ def build_project(
     rng = np.random.default_rng(5)
     layout = Layout(root)
     rows = []
-    with ShardWriter(layout.raw_pixel_dir, shard_size=8) as writer:
+    with ShardWriter(layout.pseudonymised_pixel_dir, shard_size=8) as writer:
         makers: list[tuple[dict[str, Any], Image | None]] = [({}, radiograph)] * good
         makers += list(defects.values())
         for number, (changes, maker) in enumerate(makers):
@@ -94,7 +94,9 @@ def build_project(
                 pixels = 4095 - pixels
             fields |= image_statistics(pixels, PixelEncoding.of(fields))
             fields["member"] = fields["image_id"]
-            if maker is not None:
+            if fields["input_reason"]:  # ingest made no model input: no pixels, no shard
+                fields["shard"] = fields["member"] = None
+            elif maker is not None:
                 fields["shard"] = writer.add(fields["member"], pixels)
             else:
                 fields["shard"] = "shard-00000.npz"
@@ -117,6 +119,8 @@ DEFECTS: dict[str, tuple[dict[str, Any], Image | None]] = {
     "image_too_small": ({"rows": 32, "columns": 40}, small),
     "image_bits_exceed_stored": ({"bits_stored": 10}, radiograph),
     "image_missing": ({}, None),
+    "uniform_after_window": ({"input_reason": "uniform_after_window",
+                              "input_detail": "every pixel is about 1.00 after windowing"}, None),
     "outlier_image": ({}, bright),
     "outlier_bmi": ({"bmi": 60.0}, radiograph),
     "several_failures": ({"age": 130}, blank),
@@ -148,7 +152,7 @@ def reason_of(layout: Layout, record_id: str) -> str:
 
 @pytest.mark.parametrize("reason", [
     "age_out_of_range", "bmi_out_of_range", "sex_unknown", "image_blank", "image_saturated",
-    "image_too_small", "image_bits_exceed_stored", "image_missing",
+    "image_too_small", "image_bits_exceed_stored", "image_missing", "uniform_after_window",
 ])
 def test_each_defect_is_quarantined_with_its_reason(
     mixed: tuple[Layout, StageSummary], reason: str,
