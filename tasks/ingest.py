@@ -62,8 +62,9 @@ import multiprocessing
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import chain
@@ -130,7 +131,8 @@ RECORD_SCHEMA = pa.schema([
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 BATCH_IMAGES = 16  # images per unit of work of the worker processes
-WORKERS = os.cpu_count() or 1  # one worker process per core
+# One worker process per core this process may run on (a container's CPU set, not the host's).
+WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _MAX_DETAIL = 160
 _MAX_ROWS_IN_DETAIL = 10
 
@@ -897,14 +899,13 @@ def ingest_images(
     files: list[ImageFile] = []
     first_of: dict[str, str] = {}
     starts = range(0, len(paths), BATCH_IMAGES)
+    batch_paths = [paths[i:i + BATCH_IMAGES] for i in starts]
+    batch_names = [names[i:i + BATCH_IMAGES] for i in starts]
     with ShardWriter(pixel_dir, shard_size) as writer, worker_pool() as pool:
-        batches = ordered_map(
-            pool, inspect_images, [paths[i:i + BATCH_IMAGES] for i in starts],
-            [names[i:i + BATCH_IMAGES] for i in starts], [size] * len(starts),
-            ahead=2 * WORKERS,
-        )
-        inspected = track(chain.from_iterable(batches), "checking and preparing images",
-                          total=len(paths))
+        batches = ordered_map(pool, inspect_images, batch_paths, batch_names,
+                              [size] * len(starts), ahead=2 * WORKERS)
+        inspected = track(chain.from_iterable(_reported_crashes(batches, batch_names)),
+                          "checking and preparing images", total=len(paths))
         for image, model_input in inspected:
             image = _mark_duplicate(image, first_of)
             record = joining.join(image)
@@ -914,6 +915,28 @@ def ingest_images(
                            "pixel_member": member}
             files.append(image)
     return files
+
+
+def _reported_crashes(
+    batches: Iterable[list[tuple[ImageFile, np.ndarray | None]]], names: list[list[str]],
+) -> Iterator[list[tuple[ImageFile, np.ndarray | None]]]:
+    """The batches' results; a worker that died turns into an error naming the batch's files.
+
+    A decoder that crashes on crafted bytes, or the kernel stopping a worker out of memory,
+    ends its process without a Python exception to quarantine; nothing of the run is kept.
+    """
+    reached = 0  # the batch whose result is awaited
+    try:
+        for batch in batches:
+            yield batch
+            reached += 1
+    except BrokenProcessPool:
+        files = names[reached]
+        raise ExportError(
+            f"{IMAGES_DIR}/{files[0]} to {IMAGES_DIR}/{files[-1]}", None,
+            "a worker process stopped while reading these files (a decoder crash or out of "
+            "memory); find the file that causes it, remove it from the export and run again",
+        ) from None
 
 
 def worker_pool() -> ProcessPoolExecutor:

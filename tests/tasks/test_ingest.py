@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+import tasks.ingest as ingest_module
 from osteo.config import load_params
 from osteo.layout import Layout
 from osteo.shards import read_shard, shard_members, shard_paths
@@ -596,3 +599,25 @@ def test_quarantine_report_and_logs_hold_no_identifying_value(
     texts = {str(p): p.read_text(encoding="utf-8") for p in written} | {"log": caplog.text}
     leaks = {name: [v for v in values if v in text] for name, text in texts.items()}
     assert written and not {name: found for name, found in leaks.items() if found}
+
+
+def test_a_worker_process_that_dies_stops_ingest_naming_its_files(
+    project_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No file is known to crash a decoder here, so a worker ending abruptly on one file
+    stands in for it (the patched function is what the forked workers run)."""
+    make_export(project_dir)
+    real = ingest_module.inspect_image
+
+    def crashing(path: Path, name: str, size: int) -> Any:
+        if name == "IMG0003.dcm":
+            os._exit(70)
+        return real(path, name, size)
+
+    monkeypatch.setattr(ingest_module, "inspect_image", crashing)
+
+    with pytest.raises(ExportError, match="a worker process stopped") as stopped:
+        run_ingest(project_dir)
+
+    assert stopped.value.file.startswith("images/IMG0001.dcm to images/")
+    assert not Layout(project_dir).ingested_records.exists()
