@@ -10,7 +10,7 @@ and 4.22 (a file only holds the fields ``infra/fields.yaml`` declares for ``pati
 
 Reads and writes the ``patient_files`` store, one object per file::
 
-    files/<HMAC-SHA256(index key, patient_ref)[:32]>/<YYYY-MM>-<random>.enc
+    files/<HMAC-SHA256(index key, patient_ref)[:32]>/<YYYY-MM>_<random>.enc
 
 * Bodies are AES-256-GCM (random 96-bit nonce, prepended), with the object key as associated
   data: a body copied under another key fails to decrypt.
@@ -205,7 +205,8 @@ class PatientFileStore:
 
         # 2. Name, encrypt (key as associated data), and write only if the name is new.
         month = (created or datetime.now(UTC).date()).strftime("%Y-%m")
-        key = f"{self.patient_prefix(patient_ref)}{month}-{secrets.token_hex(16)}.enc"
+        # "_", not "-": month, "-" and random hex digits could spell a date ("2025-06-12").
+        key = f"{self.patient_prefix(patient_ref)}{month}_{secrets.token_hex(16)}.enc"
         body = self._encrypt(key, record)
         try:
             self._client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*",

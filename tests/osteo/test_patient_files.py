@@ -91,7 +91,7 @@ def test_administrator_reads_what_the_radiologist_stored(s3_env: EmbeddedS3,
     record = store_as("administrator", key_file).get(key)
 
     assert record == JEANNE
-    assert "/2025-06-" in key
+    assert "/2025-06_" in key
 
 
 @pytest.mark.s3
