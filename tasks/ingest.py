@@ -945,8 +945,9 @@ def worker_pool() -> ProcessPoolExecutor:
     Parsing DICOM headers is Python code that holds the interpreter lock, so threads cannot
     share it between the cores; processes can. Forked workers start in milliseconds with
     NumPy, pydicom and torch already imported (a spawned one would import torch again, about
-    1.3 s). They only run ``inspect_images`` and return plain values: no lock, connection or
-    log handler of the parent is used in them.
+    1.3 s). They only run ``inspect_images``, which opens no connection and logs nothing, and
+    return plain values; a fork copies only the forking thread, so the parent's other threads
+    (Prefect's API client, the shard writer) have no part in them.
     """
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     return ProcessPoolExecutor(max_workers=WORKERS,
