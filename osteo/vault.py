@@ -492,6 +492,9 @@ class IdentityVault:
         Raises:
             VaultError: when the store refuses a request or an entry fails to decrypt.
         """
+        # Limitation: every vault kept in one bucket shares the 16 segment names. An entry
+        # sealed with another key file (a lost or replaced one) fails authentication here, so
+        # retention stops until the administrator removes that entry.
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             segments = list(pool.map(self._read_segment, self._segment_keys()))
         infos = [self._entry_info(key, sealed, segment.last_modified)

@@ -949,6 +949,8 @@ def worker_pool() -> ProcessPoolExecutor:
     return plain values; a fork copies only the forking thread, so the parent's other threads
     (Prefect's API client, the shard writer) have no part in them.
     """
+    # Limitation: where fork is unavailable (Windows), workers are spawned and each imports
+    # torch again before its first image.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     return ProcessPoolExecutor(max_workers=WORKERS,
                                mp_context=multiprocessing.get_context(method))
