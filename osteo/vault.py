@@ -39,12 +39,12 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.exceptions import InvalidTag
@@ -71,6 +71,7 @@ _WORKERS = 8
 _WRITE_ATTEMPTS = 5  # reads and conditional writes of one segment before giving up
 _SEGMENT_TAG = b"OSVS1\n"
 _DIGEST_BYTES = 32
+R = TypeVar("R")
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 
 
@@ -131,8 +132,7 @@ class VaultEntryInfo:
         key: the entry's key (``patients/`` and a keyed hash; its segment is ``segment_key``).
         kind: ``patient`` (the only kind of entry; image ids derive from it).
         pseudonym: the patient pseudonym the entry maps to.
-        created_at: when the entry was created (its ``created_at``; else its segment's
-            LastModified).
+        created_at: when the entry was created (its ``created_at``).
         size: the sealed (encrypted) entry's size in bytes.
         sha256: sha256 of the sealed entry, for the audit trail.
     """
@@ -288,10 +288,12 @@ class IdentityVault:
 
     @staticmethod
     def segment_key(entry_key: str) -> str:
-        """Object key of the segment holding an entry: the entry hash's first hex digit."""
-        if not entry_key.startswith(PATIENT_PREFIX) or len(entry_key) == len(PATIENT_PREFIX):
-            raise VaultError(f"{entry_key} is not an identity-vault entry key")
-        return SEGMENT_PREFIX + entry_key[len(PATIENT_PREFIX)]
+        """Object key of the segment holding an entry: the entry hash's first hex digit.
+
+        Raises:
+            VaultError: when the key is not a vault entry key.
+        """
+        return SEGMENT_PREFIX + _entry_digest(entry_key).hex()[0]
 
     def _index(self, value: str) -> str:
         return hmac.new(self._index_key, value.encode("utf-8"), hashlib.sha256).hexdigest()
@@ -385,25 +387,34 @@ class IdentityVault:
     ) -> dict[str, tuple[dict[str, str], bool]]:
         """Read the entries of one segment, adding the missing ones; entry key -> (entry, new).
 
-        The segment is written back only when entries were added, on the condition that
-        nobody wrote it since it was read. When another run did, the segment is read again
-        and that run's entries win over the ones made here.
+        When another run wrote the segment first, its entries win over the ones made here.
         """
-        for _ in range(_WRITE_ATTEMPTS):
-            segment = self._read_segment(segment_key)
+        def complete(entries: dict[str, bytes]) -> dict[str, tuple[dict[str, str], bool]]:
             outcomes: dict[str, tuple[dict[str, str], bool]] = {}
             for key, (_, template) in jobs.items():
-                if key in segment.entries:
-                    outcomes[key] = (self._open(key, segment.entries[key]), False)
+                if key in entries:
+                    outcomes[key] = (self._open(key, entries[key]), False)
                 else:
                     entry = template | {"created_at": _now()}
-                    segment.entries[key] = self._seal(key, entry)
+                    entries[key] = self._seal(key, entry)
                     outcomes[key] = (entry, True)
-            if not any(created for _, created in outcomes.values()):
-                return outcomes
-            if self._write_segment(segment_key, segment):
-                return outcomes
-        raise VaultError(f"cannot write vault object {segment_key}: other runs kept changing it")
+            return outcomes
+
+        return self._update_segment(segment_key, complete)
+
+    def _update_segment(self, key: str, change: Callable[[dict[str, bytes]], R]) -> R:
+        """Apply ``change`` to a segment's entries and write them back if it changed them.
+
+        The write succeeds only if nobody wrote the segment since it was read; otherwise the
+        segment is read again and ``change`` applied anew, up to ``_WRITE_ATTEMPTS`` times.
+        """
+        for _ in range(_WRITE_ATTEMPTS):
+            segment = self._read_segment(key)
+            before = dict(segment.entries)
+            result = change(segment.entries)
+            if segment.entries == before or self._write_segment(key, segment):
+                return result
+        raise VaultError(f"cannot write vault object {key}: other runs kept changing it")
 
     # ------------------------------------------------------------------ storage
 
@@ -414,7 +425,7 @@ class IdentityVault:
             body = response["Body"].read()
         except ClientError as error:
             if _code(error) in {"NoSuchKey", "404"}:
-                return _Segment({}, None, None)
+                return _Segment({}, None)
             raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
         except BotoCoreError as error:
             raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
@@ -422,7 +433,7 @@ class IdentityVault:
             entries = unpack_segment(body)
         except ValueError:
             raise VaultError(f"vault object {key} is not in the vault's format") from None
-        return _Segment(entries, response["ETag"], response.get("LastModified"))
+        return _Segment(entries, response["ETag"])
 
     def _write_segment(self, key: str, segment: _Segment) -> bool:
         """Write a segment unless someone wrote it since it was read; False when someone did."""
@@ -497,7 +508,7 @@ class IdentityVault:
         # retention stops until the administrator removes that entry.
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             segments = list(pool.map(self._read_segment, self._segment_keys()))
-        infos = [self._entry_info(key, sealed, segment.last_modified)
+        infos = [self._entry_info(key, sealed)
                  for segment in segments for key, sealed in segment.entries.items()]
         return sorted(infos, key=lambda info: info.key)
 
@@ -510,24 +521,15 @@ class IdentityVault:
         Raises:
             VaultError: when the key is not a vault entry key or the store refuses the write.
         """
-        segment_key = self.segment_key(key)
-        for _ in range(_WRITE_ATTEMPTS):
-            segment = self._read_segment(segment_key)
-            if segment.entries.pop(key, None) is None:
-                return
-            if self._write_segment(segment_key, segment):
-                return
-        raise VaultError(f"cannot write vault object {segment_key}: other runs kept changing it")
+        self._update_segment(self.segment_key(key), lambda entries: entries.pop(key, None))
 
-    def _entry_info(
-        self, key: str, sealed: bytes, last_modified: datetime | None,
-    ) -> VaultEntryInfo:
+    def _entry_info(self, key: str, sealed: bytes) -> VaultEntryInfo:
         entry = self._open(key, sealed)
-        created = entry.get("created_at")
+        if not entry.get("created_at"):
+            raise VaultError(f"vault entry {key} has no creation time")
         return VaultEntryInfo(
             key=key, kind="patient", pseudonym=entry.get("pseudonym", ""),
-            created_at=(datetime.fromisoformat(created) if created
-                        else last_modified or datetime.now(UTC)),
+            created_at=datetime.fromisoformat(entry["created_at"]),
             size=len(sealed), sha256=hashlib.sha256(sealed).hexdigest(),
         )
 
@@ -582,7 +584,6 @@ class _Segment:
 
     entries: dict[str, bytes]
     etag: str | None
-    last_modified: datetime | None
 
 
 def _image_key(entry: dict[str, str]) -> str:

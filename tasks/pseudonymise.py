@@ -179,8 +179,8 @@ def write_shards(
     so its shards hold no export file name and are published as they are: hard links, or
     copies where the disk has none (``osteo.shards.link_shards``). A record whose pixels are
     not in its shard goes to quarantine; a record of which ingest could make no model input
-    (``input_reason``) has none and travels on without a shard, for the preprocess stage to
-    quarantine once validation has judged it.
+    (``input_reason``) has none and travels on without a shard, for the validate stage to
+    quarantine with that reason.
 
     Args:
         records: ingested records with their ``image_id`` and ``patient_id``, in output order;
@@ -198,7 +198,7 @@ def write_shards(
     for item in track(records.to_dict("records"), "pseudonymising records"):
         shard, member = str(item.get("pixel_shard") or ""), str(item.get("pixel_member") or "")
         if item.get("input_reason"):
-            rows.append(_pseudonymised_row(item, None, None))  # preprocess quarantines it
+            rows.append(_pseudonymised_row(item, None, None))  # validate quarantines it
             continue
         if member not in members.get(shard, set()):
             quarantine.add("work/ingest/records.parquet", "missing_pixels",

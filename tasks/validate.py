@@ -663,7 +663,7 @@ class _StageRun:
         A record of which ingest could make no model input (``input_reason``, e.g.
         ``uniform_after_window``) has no pixels in the shards and fails with that reason.
         """
-        problems = self.records.get("input_reason", pd.Series(dtype=object))
+        problems = self.records["input_reason"]  # the records suite required the column
         for label, image_id in self.records["image_id"].items():
             if not isinstance(image_id, str) or image_id in stats.index:
                 continue
