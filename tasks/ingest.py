@@ -67,7 +67,6 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +82,7 @@ from pydicom.pixels import get_decoder
 
 from osteo.deid import BurnedInAnnotationError, check_burned_in_annotation
 from osteo.layout import Layout
-from osteo.parallel import ordered_map
+from osteo.parallel import SharedArrays, SharedSpec, attach, attached, ordered_map
 from osteo.progress import track
 from osteo.quarantine import Quarantine
 from osteo.radiograph import (
@@ -133,6 +132,7 @@ MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 BATCH_IMAGES = 16  # images per unit of work of the worker processes
 # One worker process per core this process may run on (a container's CPU set, not the host's).
 WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+IN_FLIGHT = 2 * WORKERS  # batches submitted to the workers and not yet joined
 _MAX_DETAIL = 160
 _MAX_ROWS_IN_DETAIL = 10
 
@@ -345,11 +345,25 @@ def inspect_image(path: Path, name: str, size: int) -> tuple[ImageFile, np.ndarr
 
 
 def inspect_images(
-    paths: list[Path], names: list[str], size: int,
-) -> list[tuple[ImageFile, np.ndarray | None]]:
-    """``inspect_image`` for a batch of files on one torch thread: a worker's unit of work."""
+    paths: list[Path], names: list[str], size: int, region: int,
+) -> list[tuple[ImageFile, bool]]:
+    """``inspect_image`` for a batch of files on one torch thread: a worker's unit of work.
+
+    Runs in a worker process of ``worker_pool``: the model input of file ``i`` is written to
+    slot ``(region, i)`` of the shared arrays the pool attached (``osteo.parallel``).
+
+    Returns:
+        Each file's ``ImageFile`` and whether its slot holds a model input.
+    """
+    inputs = attached()[region]
+    inspected = []
     with single_threaded():
-        return [inspect_image(path, name, size) for path, name in zip(paths, names, strict=True)]
+        for slot, (path, name) in enumerate(zip(paths, names, strict=True)):
+            image, model_input = inspect_image(path, name, size)
+            if model_input is not None:
+                inputs[slot] = model_input
+            inspected.append((image, model_input is not None))
+    return inspected
 
 
 def _pixel_fields(decoded: Decoded) -> dict[str, Any]:
@@ -879,11 +893,13 @@ def ingest_images(
 ) -> list[ImageFile]:
     """Read, check, decode, prepare and join every image file, keeping the accepted model inputs.
 
-    Worker processes (``worker_pool``) inspect the files in batches; the results are joined
-    here in file name order, so the first of several files with the same content is the one
-    kept. The model input of each accepted image goes to the local shards of ``pixel_dir``
-    under a neutral member name (its rank among the accepted images), so that the shards can be
-    published as they are by the pseudonymise stage; the record names its shard and member.
+    Worker processes (``worker_pool``) inspect the files in batches of ``BATCH_IMAGES``,
+    ``IN_FLIGHT`` batches at a time, each writing its model inputs to its own region of shared
+    arrays. The results are joined here in file name order, so the first of several files with
+    the same content is the one kept. The model input of each accepted image goes to the local
+    shards of ``pixel_dir`` under a neutral member name (its rank among the accepted images), so
+    that the shards can be published as they are by the pseudonymise stage; the record names
+    its shard and member.
 
     Args:
         paths: the files of images/, in file name order.
@@ -901,25 +917,30 @@ def ingest_images(
     starts = range(0, len(paths), BATCH_IMAGES)
     batch_paths = [paths[i:i + BATCH_IMAGES] for i in starts]
     batch_names = [names[i:i + BATCH_IMAGES] for i in starts]
-    with ShardWriter(pixel_dir, shard_size) as writer, worker_pool() as pool:
+    regions = [batch % IN_FLIGHT for batch in range(len(starts))]
+    with (SharedArrays(IN_FLIGHT, BATCH_IMAGES, (size, size), "float16") as inputs,
+          ShardWriter(pixel_dir, shard_size) as writer, worker_pool(inputs.spec) as pool):
         batches = ordered_map(pool, inspect_images, batch_paths, batch_names,
-                              [size] * len(starts), ahead=2 * WORKERS)
-        inspected = track(chain.from_iterable(_reported_crashes(batches, batch_names)),
-                          "checking and preparing images", total=len(paths))
-        for image, model_input in inspected:
+                              [size] * len(starts), regions, ahead=IN_FLIGHT)
+        inspected = ((region, slot, image, has_input)
+                     for region, batch in zip(regions, _reported_crashes(batches, batch_names),
+                                             strict=True)
+                     for slot, (image, has_input) in enumerate(batch))
+        for region, slot, image, has_input in track(inspected, "checking and preparing images",
+                                                    total=len(paths)):
             image = _mark_duplicate(image, first_of)
             record = joining.join(image)
-            if record is not None and model_input is not None:
+            if record is not None and has_input:
                 member = f"{len(joining.records) - 1:06d}"
-                record |= {"pixel_shard": writer.add(member, model_input),
+                record |= {"pixel_shard": writer.add(member, inputs.take(region, slot)),
                            "pixel_member": member}
             files.append(image)
     return files
 
 
 def _reported_crashes(
-    batches: Iterable[list[tuple[ImageFile, np.ndarray | None]]], names: list[list[str]],
-) -> Iterator[list[tuple[ImageFile, np.ndarray | None]]]:
+    batches: Iterable[list[tuple[ImageFile, bool]]], names: list[list[str]],
+) -> Iterator[list[tuple[ImageFile, bool]]]:
     """The batches' results; a worker that died turns into an error naming the batch's files.
 
     A decoder that crashes on crafted bytes, or the kernel stopping a worker out of memory,
@@ -939,21 +960,22 @@ def _reported_crashes(
         ) from None
 
 
-def worker_pool() -> ProcessPoolExecutor:
+def worker_pool(inputs: SharedSpec) -> ProcessPoolExecutor:
     """``WORKERS`` processes for the per-image work, forked from this one where possible.
 
     Parsing DICOM headers is Python code that holds the interpreter lock, so threads cannot
     share it between the cores; processes can. Forked workers start in milliseconds with
     NumPy, pydicom and torch already imported (a spawned one would import torch again, about
-    1.3 s). They only run ``inspect_images``, which opens no connection and logs nothing, and
-    return plain values; a fork copies only the forking thread, so the parent's other threads
-    (Prefect's API client, the shard writer) have no part in them.
+    1.3 s). They only run ``inspect_images``, which opens no connection and logs nothing; they
+    write the model inputs to the shared arrays of ``inputs`` and return plain values. A fork
+    copies only the forking thread, so the parent's other threads (Prefect's API client, the
+    shard writer) have no part in them.
     """
     # Limitation: where fork is unavailable (Windows), workers are spawned and each imports
     # torch again before its first image.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    return ProcessPoolExecutor(max_workers=WORKERS,
-                               mp_context=multiprocessing.get_context(method))
+    return ProcessPoolExecutor(max_workers=WORKERS, mp_context=multiprocessing.get_context(method),
+                               initializer=attach, initargs=(inputs,))
 
 
 @dataclass
