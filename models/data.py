@@ -1,7 +1,8 @@
 """Training data: the prepared images, their patients' data and labels, held in memory by split.
 
-Reads ``data/prepared/records.parquet`` (image_id, patient_id, age, sex, bmi, label, shard),
-``data/prepared/pixels/shard-*.npz`` (float16 ``[0, 1]`` images, size x size) and
+Reads ``data/prepared/records.parquet`` (image_id, patient_id, age, sex, bmi, label, and the
+shard and member name of each image), ``data/prepared/pixels/shard-*.npz`` (float16 ``[0, 1]``
+images, size x size) and
 ``data/split/split.parquet`` (image_id, patient_id, split). The dataset of a medical practice is
 small (a thousand images of 224 x 224 px take 100 MB in float16), so every shard is read once
 into one tensor per split instead of reopening shards per item.
@@ -123,7 +124,7 @@ def read_labelled_records(records_path: Path, split_path: Path) -> pd.DataFrame:
             split names an unknown image), or a label or split value is unknown.
     """
     records = _read_table(records_path, {"image_id", "patient_id", "age", "sex", "bmi", "label",
-                                         "shard"})
+                                         "shard", "member"})
     split = _read_table(split_path, {"image_id", "split"})
 
     # 1. Every prepared image has exactly one split and the split names no other image.
@@ -165,10 +166,11 @@ def load_pixels(pixel_dir: Path, records: pd.DataFrame) -> np.ndarray:
         if not path.is_file():
             raise TrainingDataError(f"shard {path} not found (run preprocess or dvc pull)")
         with read_shard(path) as shard:
-            for image_id in group["image_id"]:
-                if image_id not in shard.files:
-                    raise TrainingDataError(f"shard {path} lacks image {image_id}")
-                pixels = shard[image_id]
+            for image_id, member in zip(group["image_id"], group["member"], strict=True):
+                if member not in shard.files:
+                    raise TrainingDataError(f"shard {path} lacks image {image_id} "
+                                            f"(member {member})")
+                pixels = shard[member]
                 if stack is None:
                     stack = np.empty((len(records), 1, *pixels.shape), dtype=np.float16)
                 if pixels.shape != stack.shape[2:]:

@@ -1,10 +1,11 @@
 """Pixel shards: images stored many to a file, each under a member name.
 
 A shard is an uncompressed ``.npz`` archive (``shard-00000.npz``, ``shard-00001.npz``, …) that
-``numpy.load`` reads. Each member is one image array, with its own shape and dtype. Members
-are named by pseudonymous image id, or by a neutral rank where a shard is published as it was
-written (``link_shards``). Loading is lazy: ``read_shard`` returns a mapping that reads an image
-only when it is accessed.
+``numpy.load`` reads. Each member is one image array, with its own shape and dtype. The
+pipeline names members by a neutral rank (``000000``, ``000001``, …, the image's place among
+the images ingest accepted) rather than by pseudonym, so that later stages publish a shard as
+it was written (``link_shards``, ``publish_members``); each record names its shard and member.
+Loading is lazy: ``read_shard`` returns a mapping that reads an image only when it is accessed.
 
 Shards are written byte for byte the same for the same images: the archive's timestamps are
 fixed, so an unchanged dataset gives unchanged files and DVC stores and pushes them only once.
@@ -107,6 +108,13 @@ def read_shard(path: Path) -> np.lib.npyio.NpzFile:
     return np.load(path, allow_pickle=False)
 
 
+def clear_shards(directory: Path) -> None:
+    """Create ``directory`` if missing and remove the shards it holds (links are only unlinked)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in shard_paths(directory):
+        old.unlink()
+
+
 def link_shards(source: Path, target: Path) -> list[str]:
     """Publish the shards of one directory in another, as hard links where the disk allows.
 
@@ -121,9 +129,7 @@ def link_shards(source: Path, target: Path) -> list[str]:
     Returns:
         The names of the published shards, in order.
     """
-    target.mkdir(parents=True, exist_ok=True)
-    for old in shard_paths(target):
-        old.unlink()
+    clear_shards(target)
     names = []
     for path in shard_paths(source):
         try:
@@ -134,8 +140,59 @@ def link_shards(source: Path, target: Path) -> list[str]:
     return names
 
 
+def member_layouts(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The shape and dtype of each image of a shard, read from the array headers only.
+
+    Raises:
+        ValueError: when a member is not an array of the ``.npy`` format version 1 or 2.
+    """
+    layouts = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as handle:
+                version = np.lib.format.read_magic(handle)
+                if version not in _HEADER_READERS:
+                    raise ValueError(f"{path}: {info.filename} is a .npy of version {version}")
+                shape, _, dtype = _HEADER_READERS[version](handle)
+            layouts[info.filename.removesuffix(".npy")] = (shape, dtype)
+    return layouts
+
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def publish_members(source: Path, target: Path, members: Iterable[str]) -> None:
+    """Publish some images of a shard as a shard of the same name in another directory.
+
+    A shard that keeps every one of its images is published as a hard link (a copy where the
+    disk has none); otherwise the kept images' stored bytes are copied into a new shard,
+    without decoding them. ``target`` must not hold a shard of that name yet.
+
+    Args:
+        source: the shard.
+        target: the directory to publish it in; created if missing.
+        members: the images to keep (member names of ``source``).
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    kept = {f"{member}.npy" for member in members}
+    with zipfile.ZipFile(source) as archive:
+        names = archive.namelist()
+        if kept.issuperset(names):
+            try:
+                os.link(source, target / source.name)
+            except OSError:
+                shutil.copyfile(source, target / source.name)
+            return
+        with zipfile.ZipFile(target / source.name, "w", zipfile.ZIP_STORED) as subset:
+            for name in names:
+                if name in kept:
+                    member = zipfile.ZipInfo(name, date_time=_FIXED_TIME)
+                    subset.writestr(member, archive.read(name))
+
+
 def shard_members(path: Path) -> list[str]:
-    """The image ids a shard holds, read from its index without loading any pixel."""
+    """The member names of a shard, read from its index without loading any pixel."""
     with read_shard(path) as shard:
         return list(shard.files)
 
@@ -146,17 +203,17 @@ def shard_paths(directory: Path) -> list[Path]:
 
 
 def iter_images(
-    directory: Path, image_ids: Iterable[str] | None = None
+    directory: Path, members: Iterable[str] | None = None
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(image_id, pixels)`` for every image in a directory's shards, shard by shard.
+    """Yield ``(member, pixels)`` for every image in a directory's shards, shard by shard.
 
     Args:
         directory: a shard directory.
-        image_ids: only these ids, when given.
+        members: only these member names, when given.
     """
-    wanted = set(image_ids) if image_ids is not None else None
+    wanted = set(members) if members is not None else None
     for path in shard_paths(directory):
         with read_shard(path) as shard:
-            for image_id in shard.files:
-                if wanted is None or image_id in wanted:
-                    yield image_id, shard[image_id]
+            for member in shard.files:
+                if wanted is None or member in wanted:
+                    yield member, shard[member]

@@ -18,10 +18,11 @@ Each image file is read once, by one worker process per core: its bytes give the
 header check, the decoded stored pixel values, their statistics (``osteo.radiograph``) and the
 model input (``tasks.preprocess.to_model_input``, at ``preprocess.size``). The model inputs of
 the accepted images go to local shards of ``preprocess.shard_size`` images, in file name order
-under neutral member names, which the pseudonymise stage publishes as they are; no later stage
-reads the export's images again, and the full-resolution pixels are never written. The records
-carry the header's display attributes, the image statistics and, for an image of which no model
-input can be made, why (``input_reason``, ``input_detail``), nothing else of the header.
+under neutral member names, which the pseudonymise and preprocess stages publish as they are;
+no later stage reads the export's images again, and the full-resolution pixels are never
+written. The records carry the header's display attributes, the image statistics, the sha256 of
+the model input (``content_key``) or, for an image of which no model input can be made, why
+(``input_reason``, ``input_detail``), nothing else of the header.
 
 What counts as a record: every file of images/, every image name that annotations.csv mentions
 but images/ lacks, and every patients.csv row no image refers to (including duplicate and
@@ -114,7 +115,7 @@ TIE_LABEL = "osteoporosis"
 IMAGE_FORMATS = {".dcm": "dicom", ".png": "png"}
 INTEGER_COLUMNS = {"bits_stored", "rows", "columns", "height", "width", "min_side",
                    "stored_min", "stored_max", "bits_used"}
-INPUT_COLUMNS = ("input_reason", "input_detail")
+INPUT_COLUMNS = ("content_key", "input_reason", "input_detail")
 PIXEL_COLUMNS = (*ATTRIBUTE_COLUMNS, *STAT_COLUMNS, *INPUT_COLUMNS)
 STRING_COLUMNS = {"modality", "photometric", *INPUT_COLUMNS}
 RECORD_SCHEMA = pa.schema([
@@ -313,8 +314,9 @@ def inspect_image(path: Path, name: str, size: int) -> tuple[ImageFile, np.ndarr
     Returns:
         The file's size, sha256, format, DICOM birth date, display attributes and statistics,
         or the reason it is unusable; and its model input (``tasks.preprocess.to_model_input``),
-        or None when the file is unusable or no model input can be made of it. In the latter
-        case the fields ``input_reason`` and ``input_detail`` say why, for the validate stage.
+        or None when the file is unusable or no model input can be made of it. The field
+        ``content_key`` is the sha256 of the model input's bytes; when there is none,
+        ``input_reason`` and ``input_detail`` say why, for the validate stage.
     """
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
@@ -341,6 +343,7 @@ def inspect_image(path: Path, name: str, size: int) -> tuple[ImageFile, np.ndarr
     except ImageRejected as rejection:
         fields |= {"input_reason": rejection.reason, "input_detail": rejection.detail}
         return replace(image, pixels=fields), None
+    fields["content_key"] = hashlib.sha256(model_input.data).hexdigest()
     return replace(image, pixels=fields), model_input
 
 

@@ -8,14 +8,17 @@ An image of which no model input can be made (an unusable window or rescale, a p
 window leaves uniform) is recorded with ``input_reason`` and quarantined by the validate stage
 with that reason.
 
-The stage itself reads ``data/validated/records.parquet`` and the model input of each accepted
-image from ``data/pseudonymised/pixels/shard-*.npz`` (the record's ``shard`` and ``member``),
-and writes ``data/prepared/pixels/shard-*.npz`` (float16, ``preprocess.size`` x
-``preprocess.size``, values in [0, 1], bone bright, keyed by image id) with only the accepted
-images, ``data/prepared/records.parquet`` (image_id, patient_id, age, sex, bmi, label, shard and
-``content_key``, the sha256 of the pixel array), the images whose model input is missing or of
-another size in ``data/quarantine/preprocess.csv`` and the stage summary
-``reports/preprocess.json``.
+The stage itself reads ``data/validated/records.parquet`` and the index of each
+``data/pseudonymised/pixels/shard-*.npz`` (the record's ``shard`` and ``member``), and publishes
+each shard in ``data/prepared/pixels/`` with only the accepted images (float16,
+``preprocess.size`` x ``preprocess.size``, values in [0, 1], bone bright): a hard link of the
+pseudonymised shard when every image of it is accepted, so that DVC stores and pushes the
+pixels once, a new shard holding the accepted images' stored bytes otherwise. It writes
+``data/prepared/records.parquet`` (image_id, patient_id, age, sex, bmi, label, shard, member and
+``content_key``, the sha256 of the pixel array, which ingest computed as it made the array),
+the images whose model input is missing or of another size in ``data/quarantine/preprocess.csv``
+and the stage summary ``reports/preprocess.json``. No pixel is read or decoded here: the sizes
+are checked against the arrays' headers.
 
 Control 4.22, minimise data at each step of the processing: only the pixels the model needs
 leave ingest, at the model's size, and past this stage only the fields used for training and
@@ -39,7 +42,6 @@ Per image, in this order (``to_model_input``):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -58,7 +60,7 @@ from osteo.config import ConfigError
 from osteo.layout import Layout
 from osteo.progress import track
 from osteo.quarantine import Quarantine
-from osteo.shards import ShardWriter, read_shard
+from osteo.shards import clear_shards, member_layouts, publish_members
 from osteo.summary import StageSummary
 from osteo.tables import read_stage_input
 
@@ -71,9 +73,9 @@ PERCENTILE_WINDOW = (0.5, 99.5)
 PERCENTILE_SAMPLE_PIXELS = 1 << 18
 # A windowed image whose values span less than this is blank for the model.
 UNIFORM_SPAN = 1e-3
-PREPARED_COLUMNS = ["image_id", "patient_id", "age", "sex", "bmi", "label", "shard",
+PREPARED_COLUMNS = ["image_id", "patient_id", "age", "sex", "bmi", "label", "shard", "member",
                     "content_key"]
-REQUIRED_COLUMNS = [*PREPARED_COLUMNS[:-1], "member"]
+REQUIRED_COLUMNS = PREPARED_COLUMNS
 
 
 class PreprocessError(Exception):
@@ -328,8 +330,7 @@ def preprocess(layout: Layout, params: dict[str, Any]) -> StageSummary:
 
     Args:
         layout: the project's paths.
-        params: the parsed ``params.yaml``; uses ``preprocess.size`` and
-            ``preprocess.shard_size``.
+        params: the parsed ``params.yaml``; uses ``preprocess.size``.
 
     Returns:
         The stage summary (unit ``image``), also written to ``reports/preprocess.json``.
@@ -341,25 +342,28 @@ def preprocess(layout: Layout, params: dict[str, Any]) -> StageSummary:
 
     # 1. Read the settings and the validated records.
     started = time.perf_counter()
-    size, shard_size = setting(params, "size"), setting(params, "shard_size")
+    size = setting(params, "size")
     records = read_stage_input(layout.validated_records, REQUIRED_COLUMNS, PreprocessError,
                                "validate")
     quarantine = Quarantine(STAGE)
 
-    # 2. Copy each accepted model input to the prepared shards, under its image id, a
-    #    pseudonymised shard at a time.
+    # 2. Check each accepted model input against the array headers of its pseudonymised
+    #    shard, and publish the shard with the images that passed, a shard at a time.
     prepared: list[dict[str, Any]] = []
-    with ShardWriter(layout.prepared_pixel_dir, shard_size) as writer:
-        for source, batch in track(list(_batches(layout.pseudonymised_pixel_dir, records)),
-                                   "preparing images"):
-            for record, outcome in prepare_shard(source, batch, size):
-                if isinstance(outcome, ImageRejected):
-                    quarantine.add(str(source.relative_to(layout.root)), outcome.reason,
-                                   outcome.detail, record_id=record["image_id"])
-                    continue
-                key = hashlib.sha256(outcome.tobytes()).hexdigest()
-                prepared.append({**record, "shard": writer.add(record["image_id"], outcome),
-                                 "content_key": key})
+    clear_shards(layout.prepared_pixel_dir)
+    for source, batch in track(list(_batches(layout.pseudonymised_pixel_dir, records)),
+                               "preparing images"):
+        kept = []
+        for record, rejection in check_shard(source, batch, size):
+            if rejection is not None:
+                quarantine.add(str(source.relative_to(layout.root)), rejection.reason,
+                               rejection.detail, record_id=record["image_id"])
+                continue
+            kept.append(record)
+        if kept:
+            publish_members(source, layout.prepared_pixel_dir,
+                            [record["member"] for record in kept])
+            prepared.extend(kept)
 
     # 3. Write the prepared records, the quarantine and the summary.
     return _finish(layout, records, prepared, quarantine, size, time.perf_counter() - started)
@@ -379,10 +383,12 @@ def _batches(pixel_dir: Path, records: pd.DataFrame) -> Iterator[tuple[Path, pd.
         yield pixel_dir / ("" if pd.isna(shard_name) else str(shard_name)), group
 
 
-def prepare_shard(
+def check_shard(
     source: Path, records: pd.DataFrame, size: int
-) -> list[tuple[dict[str, Any], np.ndarray | ImageRejected]]:
-    """The model inputs of the records of one pseudonymised shard, or why there is none.
+) -> list[tuple[dict[str, Any], ImageRejected | None]]:
+    """Check that a pseudonymised shard holds each record's model input, at the right size.
+
+    Only the shard's index and array headers are read, not the pixels.
 
     Args:
         source: the shard file (the pixel directory itself for records without a shard).
@@ -390,31 +396,33 @@ def prepare_shard(
         size: side of the square model input ``preprocess.size``.
 
     Returns:
-        For each record, in order, the record's fields and either its model input or the
-        rejection that sends it to the quarantine.
+        For each record, in order, the record's fields and the rejection that sends it to the
+        quarantine, or None.
     """
     rows = records[REQUIRED_COLUMNS].to_dict("records")
     if not source.is_file():
         absent = ImageRejected("missing_pixels", "the pixel shard named by the record is absent")
         return [(row, absent) for row in rows]
-    with read_shard(source) as shard:
-        available = set(shard.files)
-        return [(row, _model_input(shard, available, row, size)) for row in rows]
+    layouts = member_layouts(source)
+    return [(row, _rejection(layouts, row, size)) for row in rows]
 
 
-def _model_input(
-    shard: Any, available: set[str], record: dict[str, Any], size: int,
-) -> np.ndarray | ImageRejected:
-    """The model input of one record, checked against the configured size."""
-    if record["member"] not in available:
+def _rejection(
+    layouts: dict[str, tuple[tuple[int, ...], np.dtype]], record: dict[str, Any], size: int,
+) -> ImageRejected | None:
+    """Why a record's model input cannot be used, or None."""
+    if record["member"] not in layouts:
         return ImageRejected("missing_pixels", "the pixel shard holds no such image")
-    image: np.ndarray = shard[record["member"]]
-    if image.shape != (size, size) or image.dtype != np.float16:
+    if pd.isna(record["content_key"]):
+        return ImageRejected("missing_pixels", "the record has no content key for its model "
+                             "input: run the ingest stage again")
+    shape, dtype = layouts[record["member"]]
+    if shape != (size, size) or dtype != np.float16:
         return ImageRejected(
-            "size_mismatch", f"the model input is {'x'.join(map(str, image.shape))} "
-            f"{image.dtype} but preprocess.size is {size}: run the ingest stage again",
+            "size_mismatch", f"the model input is {'x'.join(map(str, shape))} "
+            f"{dtype} but preprocess.size is {size}: run the ingest stage again",
         )
-    return image
+    return None
 
 
 def _finish(

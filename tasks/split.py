@@ -19,8 +19,8 @@ by ``split.seed`` and computed in an order set by the images' content (the sha25
 prepared pixel array), not by their pseudonyms. Pseudonyms are random and belong to one identity
 vault, so a practice that rebuilds its vault, or a reviewer who reruns the demo on a fresh clone,
 gets the same patients in the same splits from the same export and seed. The split table is
-written in that order too, so training sees its images in the same order. The preprocess stage
-records each image's content key (``content_key``) when it writes the pixel array, so the split
+written in that order too, so training sees its images in the same order. The ingest stage
+records each image's content key (``content_key``) when it makes the pixel array, so the split
 reads no pixels.
 """
 
@@ -51,7 +51,7 @@ POSITIVE_LABEL = "osteoporosis"
 FEMALE = "F"
 # The most folds tried to express the fractions; 20 allows steps of 5 %.
 MAX_FOLDS = 20
-REQUIRED_COLUMNS = ["image_id", "patient_id", "sex", "label", "content_key"]
+REQUIRED_COLUMNS = ["image_id", "patient_id", "sex", "label", "shard", "member", "content_key"]
 
 
 class SplitError(Exception):
@@ -160,18 +160,22 @@ def assign_splits(
 def content_keys(records: pd.DataFrame, pixel_dir: Path) -> pd.Series:
     """The content key of each image, checked to name an image of the prepared shards.
 
-    The key is the sha256 of the image's prepared pixel array, which the preprocess stage
-    records (``content_key``) as it writes the array; only the shards' member lists are read.
+    The key is the sha256 of the image's prepared pixel array, which the ingest stage records
+    (``content_key``) as it makes the array; only the shards' member lists are read.
 
     Args:
-        records: one row per image with ``image_id`` and ``content_key``.
+        records: one row per image with ``image_id``, ``shard``, ``member`` and ``content_key``.
         pixel_dir: data/prepared/pixels.
 
     Raises:
         SplitError: when an image of the records is in none of the shards.
     """
-    stored = {member for path in shard_paths(pixel_dir) for member in shard_members(path)}
-    missing = sorted(set(records["image_id"]) - stored)
+    stored = {(path.name, member) for path in shard_paths(pixel_dir)
+              for member in shard_members(path)}
+    located = zip(records["shard"].astype(str), records["member"].astype(str), strict=True)
+    missing = sorted(image_id for image_id, place in zip(records["image_id"], located,
+                                                          strict=True)
+                     if place not in stored)
     if missing:
         raise SplitError(f"{pixel_dir} lacks {len(missing)} prepared image(s), the first "
                          f"{missing[0]}: run the preprocess stage again")
@@ -184,8 +188,9 @@ def ordered_by_key(records: pd.DataFrame, keys: pd.Series) -> pd.DataFrame:
     A patient's key is the smallest key of its images, so the order depends on the keys only,
     never on the pseudonyms.
     """
-    keyed = records.assign(key=keys.to_numpy())
-    keyed["patient_key"] = keyed.groupby("patient_id")["key"].transform("min")
+    keyed = records.assign(key=keys.to_numpy()).sort_values("key", kind="stable")
+    smallest = keyed.drop_duplicates("patient_id").set_index("patient_id")["key"]
+    keyed["patient_key"] = keyed["patient_id"].map(smallest)
     return keyed.sort_values(["patient_key", "key"], kind="stable").drop(columns="key")
 
 

@@ -40,7 +40,8 @@ def write_prepared_dataset(root: Path, images: int = 24, size: int = 64, seed: i
                 "age": float(rng.integers(40, 90)), "sex": "F" if index % 2 else "M",
                 "bmi": float(rng.normal(25.0, 4.0)),
                 "label": "osteoporosis" if osteoporosis else "normal",
-                "shard": writer.add(image_id, pixels.astype(np.float16)),
+                "shard": writer.add(f"{index:06d}", pixels.astype(np.float16)),
+                "member": f"{index:06d}",
             })
     records = pd.DataFrame(rows)
     layout.prepared_records.parent.mkdir(parents=True, exist_ok=True)

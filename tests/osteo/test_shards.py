@@ -13,6 +13,8 @@ from osteo.shards import (
     ShardWriter,
     iter_images,
     link_shards,
+    member_layouts,
+    publish_members,
     read_shard,
     shard_members,
     shard_paths,
@@ -85,3 +87,30 @@ def test_published_shards_are_hard_links_and_replace_older_ones(tmp_path: Path) 
     assert all(path.samefile(tmp_path / "source" / path.name) for path in published)
     with read_shard(published[2]) as shard:
         np.testing.assert_array_equal(shard[list(images(5))[4]], list(images(5).values())[4])
+
+
+def test_member_layouts_give_shape_and_dtype_without_the_pixels(tmp_path: Path) -> None:
+    content = images(3)
+    write(tmp_path / "shards", content, shard_size=3)
+
+    layouts = member_layouts(tmp_path / "shards" / "shard-00000.npz")
+
+    assert layouts == {key: (pixels.shape, np.dtype(np.uint16)) for key, pixels in content.items()}
+
+
+def test_a_shard_keeping_some_images_is_rewritten_the_same_way_each_time(tmp_path: Path) -> None:
+    content = images(4)
+    write(tmp_path / "shards", content, shard_size=4)
+    source = tmp_path / "shards" / "shard-00000.npz"
+    kept = list(content)[1:3]
+
+    publish_members(source, tmp_path / "first", kept)
+    publish_members(source, tmp_path / "second", kept)
+    publish_members(source, tmp_path / "whole", content)
+
+    assert shard_members(tmp_path / "first" / source.name) == kept
+    assert digests(tmp_path / "first") == digests(tmp_path / "second")
+    with read_shard(tmp_path / "first" / source.name) as shard:
+        for key in kept:
+            np.testing.assert_array_equal(shard[key], content[key])
+    assert (tmp_path / "whole" / source.name).samefile(source)

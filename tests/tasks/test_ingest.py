@@ -291,6 +291,7 @@ def test_each_image_is_decoded_once_into_its_model_input_and_statistics(
         assert model_input.shape == (size, size) and model_input.dtype == np.float16
         assert (record["height"], record["width"]) == stored.shape
         assert record["stored_max"] == stored.max()
+        assert record["content_key"] == hashlib.sha256(model_input.tobytes()).hexdigest()
         assert pd.isna(record["input_reason"])
 
 
@@ -310,7 +311,8 @@ def test_an_image_no_model_input_can_be_made_of_is_recorded_with_the_reason(
     record = result.record("IMG0001.dcm")
     assert record["input_reason"] == "uniform_after_window"
     assert "after windowing" in record["input_detail"]
-    assert pd.isna(record["pixel_shard"]) and record["stored_max"] > 0
+    assert pd.isna(record["pixel_shard"]) and pd.isna(record["content_key"])
+    assert record["stored_max"] > 0
     assert result.summary.accepted == 5
 
 

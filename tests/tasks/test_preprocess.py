@@ -13,7 +13,7 @@ import pytest
 
 from osteo.config import ConfigError
 from osteo.layout import Layout
-from osteo.shards import ShardWriter, iter_images, shard_paths
+from osteo.shards import ShardWriter, read_shard, shard_members, shard_paths
 from tasks.preprocess import (
     PREPARED_COLUMNS,
     ImageRejected,
@@ -23,6 +23,8 @@ from tasks.preprocess import (
     to_model_input,
 )
 from tests.radiographs import read_test_radiograph
+
+PARAMS = {"preprocess": {"size": 24, "shard_size": 4}}
 
 FLOAT16_STEP = 1e-3
 
@@ -166,27 +168,35 @@ def test_tibia_radiograph_shows_bone_brighter_than_air() -> None:
 
 
 def _validated_project(root: Path) -> Layout:
-    """Validated records and pseudonymised shards: three good model inputs and three bad ones."""
+    """Validated records and pseudonymised shards: five good model inputs and three bad ones.
+
+    shard-00000 holds three good inputs and one of the wrong size, shard-00001 two good ones;
+    one record names a member its shard lacks, one a shard that does not exist.
+    """
     layout = Layout(root)
     rng = np.random.default_rng(3)
+
+    def stored_values(rows: int, columns: int) -> np.ndarray:
+        return rng.integers(0, 4096, (rows, columns)).astype(np.uint16)
+
     inputs = {
-        "Igood1": to_model_input(rng.integers(0, 4096, (40, 30)).astype(np.uint16), _record(),
-                                 size=24),
+        "Igood1": to_model_input(stored_values(40, 30), _record(), size=24),
         "Igood2": to_model_input(
             rng.integers(0, 1024, (30, 40)).astype(np.uint16),
             _record(photometric="MONOCHROME1", window_center=512.0, window_width=600.0), size=24),
-        "Igood3": to_model_input(rng.integers(0, 4096, (32, 32)).astype(np.uint16), _record(),
-                                 size=24),
-        "Isize": to_model_input(rng.integers(0, 4096, (32, 32)).astype(np.uint16), _record(),
-                                size=16),
+        "Igood3": to_model_input(stored_values(32, 32), _record(), size=24),
+        "Isize": to_model_input(stored_values(32, 32), _record(), size=16),
+        "Igood4": to_model_input(stored_values(24, 30), _record(), size=24),
+        "Igood5": to_model_input(stored_values(30, 24), _record(), size=24),
     }
     rows = []
-    with ShardWriter(layout.pseudonymised_pixel_dir, shard_size=3) as writer:
+    with ShardWriter(layout.pseudonymised_pixel_dir, shard_size=4) as writer:
         for number, (image_id, image) in enumerate(inputs.items()):
             rows.append({"image_id": image_id, "patient_id": f"P{number:016x}",
                          "age": 60 + number, "sex": "F", "bmi": 24.5, "label": "normal",
                          "n_readers": 2, "reader_agreement": 1.0,
-                         "shard": writer.add(f"{number:06d}", image), "member": f"{number:06d}"})
+                         "shard": writer.add(f"{number:06d}", image), "member": f"{number:06d}",
+                         "content_key": hashlib.sha256(image.tobytes()).hexdigest()})
     rows.append({**rows[0], "image_id": "Iabsent", "member": "000099"})
     rows.append({**rows[0], "image_id": "Imissing", "shard": "shard-00009.npz"})
     layout.validated_dir.mkdir(parents=True)
@@ -194,25 +204,31 @@ def _validated_project(root: Path) -> Layout:
     return layout
 
 
-def test_stage_keeps_the_accepted_model_inputs_under_their_image_ids(tmp_path: Path) -> None:
+def test_stage_publishes_the_accepted_model_inputs_without_copying_whole_shards(
+    tmp_path: Path,
+) -> None:
     layout = _validated_project(tmp_path)
-    params = {"preprocess": {"size": 24, "shard_size": 2}}
+    stale = layout.prepared_pixel_dir / "shard-00007.npz"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"from an earlier run")
 
-    summary = preprocess.fn(layout, params)
+    summary = preprocess.fn(layout, PARAMS)
 
     records = pd.read_parquet(layout.prepared_records)
     assert list(records.columns) == PREPARED_COLUMNS
-    assert list(records["image_id"]) == ["Igood1", "Igood2", "Igood3"]
-    assert len(shard_paths(layout.prepared_pixel_dir)) == 2
-    images = dict(iter_images(layout.prepared_pixel_dir))
-    published = dict(iter_images(layout.pseudonymised_pixel_dir))
-    assert set(images) == set(records["image_id"])
-    for number, row in records.iterrows():
-        assert (layout.prepared_pixel_dir / row["shard"]).exists()
-        np.testing.assert_array_equal(images[row["image_id"]], published[f"{number:06d}"])
-        assert row["content_key"] == hashlib.sha256(images[row["image_id"]].tobytes()).hexdigest()
+    assert list(records["image_id"]) == ["Igood1", "Igood2", "Igood3", "Igood4", "Igood5"]
+    prepared = {path.name: path for path in shard_paths(layout.prepared_pixel_dir)}
+    assert sorted(prepared) == ["shard-00000.npz", "shard-00001.npz"]
+    source = layout.pseudonymised_pixel_dir
+    assert prepared["shard-00001.npz"].samefile(source / "shard-00001.npz")  # all kept: linked
+    assert not prepared["shard-00000.npz"].samefile(source / "shard-00000.npz")
+    assert shard_members(prepared["shard-00000.npz"]) == ["000000", "000001", "000002"]
+    for row in records.itertuples():
+        with read_shard(prepared[row.shard]) as kept, read_shard(source / row.shard) as whole:
+            np.testing.assert_array_equal(kept[row.member], whole[row.member])
+            assert row.content_key == hashlib.sha256(kept[row.member].tobytes()).hexdigest()
     written = json.loads(layout.summary("preprocess").read_text())
-    assert written["records_in"] == 6 and written["accepted"] == 3
+    assert written["records_in"] == 8 and written["accepted"] == 5
     assert written["extra"]["size"] == 24 and written["extra"]["shards"] == 2
     assert summary.quarantined_total == 3
 
@@ -220,7 +236,7 @@ def test_stage_keeps_the_accepted_model_inputs_under_their_image_ids(tmp_path: P
 def test_missing_or_wrongly_sized_model_inputs_are_quarantined(tmp_path: Path) -> None:
     layout = _validated_project(tmp_path)
 
-    summary = preprocess.fn(layout, {"preprocess": {"size": 24, "shard_size": 2}})
+    summary = preprocess.fn(layout, PARAMS)
 
     quarantine = pd.read_csv(layout.quarantine("preprocess"))
     reasons = dict(zip(quarantine["record_id"], quarantine["reason"], strict=True))
@@ -232,9 +248,25 @@ def test_missing_or_wrongly_sized_model_inputs_are_quarantined(tmp_path: Path) -
     assert summary.quarantined == {"size_mismatch": 1, "missing_pixels": 2}
 
 
+def test_a_record_without_content_key_is_quarantined_and_its_image_left_out(
+    tmp_path: Path,
+) -> None:
+    layout = _validated_project(tmp_path)
+    records = pd.read_parquet(layout.validated_records)
+    records.loc[records["image_id"] == "Igood5", "content_key"] = None
+    records.to_parquet(layout.validated_records, index=False)
+
+    preprocess.fn(layout, PARAMS)
+
+    quarantine = pd.read_csv(layout.quarantine("preprocess")).set_index("record_id")
+    assert quarantine.at["Igood5", "reason"] == "missing_pixels"
+    assert "content key" in quarantine.at["Igood5", "detail"]
+    assert shard_members(layout.prepared_pixel_dir / "shard-00001.npz") == ["000004"]
+
+
 def test_missing_validated_records_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PreprocessError, match="validate stage"):
-        preprocess.fn(Layout(tmp_path), {"preprocess": {"size": 24, "shard_size": 2}})
+        preprocess.fn(Layout(tmp_path), PARAMS)
 
 
 def test_non_positive_size_is_a_config_error(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ PARAMS = {"split": {"seed": 7, "fractions": [0.8, 0.1, 0.1], "tolerance": 0.05}}
 def _prepared_records(patients: int, seed: int = 0, prevalence: float = 0.3) -> pd.DataFrame:
     """Synthetic prepared records: 1 to 3 images per patient, labels mostly shared by patient."""
     rng = np.random.default_rng(seed)
-    rows = []
+    rows: list[dict[str, object]] = []
     for patient in range(patients):
         sex = "F" if rng.random() < 0.6 else "M"
         osteoporotic = rng.random() < prevalence
@@ -36,6 +36,7 @@ def _prepared_records(patients: int, seed: int = 0, prevalence: float = 0.3) -> 
                 "image_id": image_id, "patient_id": f"P{patient:016x}",
                 "age": int(rng.integers(40, 90)), "sex": sex, "bmi": 25.0,
                 "label": "osteoporosis" if label else "normal", "shard": "shard-00000.npz",
+                "member": f"{len(rows):06d}",
                 "content_key": hashlib.sha256(_pixels(image_id).tobytes()).hexdigest(),
             })
     return pd.DataFrame(rows)
@@ -46,15 +47,21 @@ def _project(root: Path, records: pd.DataFrame) -> Layout:
     layout = Layout(root)
     layout.prepared_pixel_dir.mkdir(parents=True)
     records.to_parquet(layout.prepared_records, index=False)
-    _write_shard(layout, {image_id: _pixels(image_id) for image_id in records["image_id"]})
+    _write_shard(layout, _stored(records))
     return layout
+
+
+def _stored(records: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The records' images by member name, as the shard holds them."""
+    return {member: _pixels(image_id)
+            for image_id, member in zip(records["image_id"], records["member"], strict=True)}
 
 
 def _write_shard(layout: Layout, images: dict[str, np.ndarray]) -> None:
     """Write the images as the one shard the synthetic records name (shard-00000.npz)."""
     with ShardWriter(layout.prepared_pixel_dir, shard_size=len(images) + 1) as writer:
-        for image_id, pixels in images.items():
-            writer.add(image_id, pixels)
+        for member, pixels in images.items():
+            writer.add(member, pixels)
 
 
 def _pixels(image_id: str) -> np.ndarray:
@@ -134,8 +141,7 @@ def test_a_new_vault_gives_the_same_patients_the_same_splits(tmp_path: Path) -> 
     new_vault.prepared_pixel_dir.mkdir(parents=True)
     records.replace({"image_id": renamed, "patient_id": renamed}).sort_values(
         "image_id").to_parquet(new_vault.prepared_records, index=False)  # as preprocess writes
-    _write_shard(new_vault, {renamed[image_id]: _pixels(image_id)
-                             for image_id in records["image_id"]})
+    _write_shard(new_vault, _stored(records))  # member names do not depend on the vault
 
     split.fn(original, PARAMS)
     split.fn(new_vault, PARAMS)
@@ -149,7 +155,7 @@ def test_a_new_vault_gives_the_same_patients_the_same_splits(tmp_path: Path) -> 
 def test_an_image_missing_from_its_shard_raises_split_error(tmp_path: Path) -> None:
     records = _prepared_records(60)
     layout = _project(tmp_path, records)
-    _write_shard(layout, {image_id: _pixels(image_id) for image_id in records["image_id"][1:]})
+    _write_shard(layout, _stored(records.iloc[1:]))
 
     with pytest.raises(SplitError, match=f"lacks 1 prepared image.*{records['image_id'][0]}"):
         split.fn(layout, PARAMS)

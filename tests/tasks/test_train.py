@@ -13,7 +13,7 @@ import torch
 from models.backbone import IMAGENET_WEIGHTS_SHA256, WeightsIntegrityError
 from osteo.config import ConfigError
 from osteo.layout import Layout
-from osteo.shards import iter_images
+from osteo.shards import read_shard
 from tasks.train import CHECKPOINT, PREDICTIONS, TRAIN_LOG, TrainResult, load_model, predict, train
 from tests.models.test_data import write_prepared_dataset
 from tests.models.test_module import tiny_params
@@ -72,8 +72,11 @@ def test_predictions_file_is_reproduced_from_the_checkpoint_and_the_images(
     written = pd.read_parquet(layout.root / PREDICTIONS)
     records = pd.read_parquet(layout.prepared_records).set_index("image_id")
     rows = records.loc[written["image_id"]]
-    pixels = dict(iter_images(layout.prepared_pixel_dir, written["image_id"]))
-    images = np.stack([pixels[image_id] for image_id in written["image_id"]])
+    stored = []
+    for row in rows.itertuples():
+        with read_shard(layout.prepared_pixel_dir / row.shard) as shard:
+            stored.append(shard[row.member])
+    images = np.stack(stored)
 
     net, _ = load_model(result.checkpoint)
     again = predict(net, images, rows["age"].tolist(), rows["sex"].tolist(), rows["bmi"].tolist())

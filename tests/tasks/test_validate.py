@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -67,7 +68,7 @@ def record(number: int, rng: np.random.Generator, **changes: Any) -> dict[str, A
         "n_readers": 2, "reader_agreement": 1.0, "modality": "CR", "photometric": "MONOCHROME2",
         "bits_stored": 12, "rescale_slope": 1.0, "rescale_intercept": 0.0,
         "window_center": None, "window_width": None, "rows": 64, "columns": 80,
-        "input_reason": None, "input_detail": None, "shard": "",
+        "content_key": None, "input_reason": None, "input_detail": None, "shard": "",
     }
     return fields | changes
 
@@ -94,6 +95,8 @@ def build_project(
                 pixels = 4095 - pixels
             fields |= image_statistics(pixels, PixelEncoding.of(fields))
             fields["member"] = fields["image_id"]
+            if not fields["input_reason"]:
+                fields["content_key"] = hashlib.sha256(pixels.tobytes()).hexdigest()
             if fields["input_reason"]:  # ingest made no model input: no pixels, no shard
                 fields["shard"] = fields["member"] = None
             elif maker is not None:
