@@ -104,7 +104,7 @@ class ShardWriter:
 
 
 def read_shard(path: Path) -> np.lib.npyio.NpzFile:
-    """Open one shard; images are read when accessed by id (``shard[image_id]``)."""
+    """Open one shard; images are read when accessed by member name (``shard[member]``)."""
     return np.load(path, allow_pickle=False)
 
 
