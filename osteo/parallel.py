@@ -19,16 +19,20 @@ submitted (see ``ordered_map``).
 
 from __future__ import annotations
 
+import errno
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
 R = TypeVar("R")
+SHARED_MEMORY_DIR = Path("/dev/shm")  # noqa: S108 - where Linux keeps POSIX shared memory
 
 
 def ordered_map(
@@ -83,6 +87,9 @@ class SharedArrays:
         per_region: arrays per region (images per batch).
         shape: shape of one array.
         dtype: dtype of the arrays.
+
+    Raises:
+        OSError: when the system has not enough free shared memory for the block.
     """
 
     def __init__(
@@ -90,6 +97,7 @@ class SharedArrays:
     ) -> None:
         full_shape = (regions, per_region, *shape)
         size = max(1, int(np.prod(full_shape)) * np.dtype(dtype).itemsize)
+        _check_room(size)
         self._memory = shared_memory.SharedMemory(create=True, size=size)
         self.spec = SharedSpec(self._memory.name, full_shape, dtype)
         self._arrays: np.ndarray | None = np.ndarray(full_shape, dtype, buffer=self._memory.buf)
@@ -112,6 +120,25 @@ class SharedArrays:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_room(size: int) -> None:
+    """Refuse a block larger than the free shared memory, before a worker crashes writing it.
+
+    Linux creates the block as a sparse file of /dev/shm (a container's is 64 MB by default):
+    creating it succeeds whatever its size, and the first write past the free space kills the
+    writing process.
+
+    Raises:
+        OSError: (``ENOSPC``) when /dev/shm has less than ``size`` bytes free.
+    """
+    if not SHARED_MEMORY_DIR.is_dir():
+        return
+    stats = os.statvfs(SHARED_MEMORY_DIR)
+    free = stats.f_bavail * stats.f_frsize
+    if size > free:
+        raise OSError(errno.ENOSPC, f"{SHARED_MEMORY_DIR} has {free / 2**20:.0f} MiB free, "
+                                    f"{size / 2**20:.0f} MiB are needed")
 
 
 _attached: tuple[shared_memory.SharedMemory, np.ndarray] | None = None

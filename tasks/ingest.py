@@ -81,6 +81,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydicom.pixels import get_decoder
 
+from osteo.config import ConfigError
 from osteo.deid import BurnedInAnnotationError, check_burned_in_annotation
 from osteo.layout import Layout
 from osteo.parallel import SharedArrays, SharedSpec, attach, attached, ordered_map
@@ -803,6 +804,7 @@ def ingest(layout: Layout, params: dict[str, Any]) -> StageSummary:
 
     Raises:
         ExportError: when the export as a whole is unusable.
+        ConfigError: when the system has too little shared memory for the worker processes.
     """
     started = time.perf_counter()
 
@@ -921,7 +923,7 @@ def ingest_images(
     batch_paths = [paths[i:i + BATCH_IMAGES] for i in starts]
     batch_names = [names[i:i + BATCH_IMAGES] for i in starts]
     regions = [batch % IN_FLIGHT for batch in range(len(starts))]
-    with (SharedArrays(IN_FLIGHT, BATCH_IMAGES, (size, size), "float16") as inputs,
+    with (_shared_inputs(size) as inputs,
           ShardWriter(pixel_dir, shard_size) as writer, worker_pool(inputs.spec) as pool):
         batches = ordered_map(pool, inspect_images, batch_paths, batch_names,
                               [size] * len(starts), regions, ahead=IN_FLIGHT)
@@ -939,6 +941,20 @@ def ingest_images(
                            "pixel_member": member}
             files.append(image)
     return files
+
+
+def _shared_inputs(size: int) -> SharedArrays:
+    """Shared memory for the model inputs of the batches in flight.
+
+    Raises:
+        ConfigError: when the system has too little shared memory free.
+    """
+    try:
+        return SharedArrays(IN_FLIGHT, BATCH_IMAGES, (size, size), "float16")
+    except OSError as error:
+        raise ConfigError(
+            f"ingest needs shared memory for its worker processes: {error}; give the "
+            "container more (docker run --shm-size) or lower preprocess.size") from None
 
 
 def _reported_crashes(

@@ -64,3 +64,8 @@ def test_workers_write_arrays_the_parent_reads_without_pickling_them() -> None:
 
     with pytest.raises(ValueError, match="closed"):
         shared.take(0, 0)
+
+
+def test_a_block_larger_than_the_free_shared_memory_is_refused_before_any_write() -> None:
+    with pytest.raises(OSError, match="MiB are needed"):
+        SharedArrays(1, 1, (1 << 20, 1 << 20), "float16")  # 2 TiB
