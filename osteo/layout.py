@@ -15,7 +15,7 @@ Formats:
   ``shard_size`` images, so DVC handles a few large objects instead of thousands of small ones.
   The model inputs ingest made are members named by a neutral rank (each record names its
   ``shard`` and ``member``), so their shards pass from ``work/`` to ``data/`` as they are; the
-  prepared images (the accepted ones only) are members named by pseudonymous image id.
+  prepared shards keep those names and hold the accepted images only.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import queue
 import shutil
 import threading
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +45,7 @@ class ShardWriter:
     def __init__(self, directory: Path, shard_size: int = 256) -> None:
         self.directory = Path(directory)
         self.shard_size = shard_size
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for old in self.directory.glob("shard-*.npz"):
-            old.unlink()
+        clear_shards(self.directory)
         self._added = 0
         self._queue: queue.Queue[tuple[str, str, np.ndarray] | None] = queue.Queue(
             maxsize=self.QUEUED_IMAGES)
@@ -132,12 +130,16 @@ def link_shards(source: Path, target: Path) -> list[str]:
     clear_shards(target)
     names = []
     for path in shard_paths(source):
-        try:
-            os.link(path, target / path.name)
-        except OSError:
-            shutil.copyfile(path, target / path.name)
+        _link_or_copy(path, target / path.name)
         names.append(path.name)
     return names
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def member_layouts(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -179,10 +181,7 @@ def publish_members(source: Path, target: Path, members: Iterable[str]) -> None:
     with zipfile.ZipFile(source) as archive:
         names = archive.namelist()
         if kept.issuperset(names):
-            try:
-                os.link(source, target / source.name)
-            except OSError:
-                shutil.copyfile(source, target / source.name)
+            _link_or_copy(source, target / source.name)
             return
         with zipfile.ZipFile(target / source.name, "w", zipfile.ZIP_STORED) as subset:
             for name in names:
@@ -202,18 +201,7 @@ def shard_paths(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob("shard-*.npz"))
 
 
-def iter_images(
-    directory: Path, members: Iterable[str] | None = None
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(member, pixels)`` for every image in a directory's shards, shard by shard.
-
-    Args:
-        directory: a shard directory.
-        members: only these member names, when given.
-    """
-    wanted = set(members) if members is not None else None
-    for path in shard_paths(directory):
-        with read_shard(path) as shard:
-            for member in shard.files:
-                if wanted is None or member in wanted:
-                    yield member, shard[member]
+def stored_places(directory: Path) -> set[tuple[str, str]]:
+    """``(shard file name, member)`` of every image in a directory's shards, pixels unread."""
+    return {(path.name, member) for path in shard_paths(directory)
+            for member in shard_members(path)}

@@ -75,7 +75,6 @@ PERCENTILE_SAMPLE_PIXELS = 1 << 18
 UNIFORM_SPAN = 1e-3
 PREPARED_COLUMNS = ["image_id", "patient_id", "age", "sex", "bmi", "label", "shard", "member",
                     "content_key"]
-REQUIRED_COLUMNS = PREPARED_COLUMNS
 
 
 class PreprocessError(Exception):
@@ -343,7 +342,7 @@ def preprocess(layout: Layout, params: dict[str, Any]) -> StageSummary:
     # 1. Read the settings and the validated records.
     started = time.perf_counter()
     size = setting(params, "size")
-    records = read_stage_input(layout.validated_records, REQUIRED_COLUMNS, PreprocessError,
+    records = read_stage_input(layout.validated_records, PREPARED_COLUMNS, PreprocessError,
                                "validate")
     quarantine = Quarantine(STAGE)
 
@@ -399,7 +398,7 @@ def check_shard(
         For each record, in order, the record's fields and the rejection that sends it to the
         quarantine, or None.
     """
-    rows = records[REQUIRED_COLUMNS].to_dict("records")
+    rows = records[PREPARED_COLUMNS].to_dict("records")
     if not source.is_file():
         absent = ImageRejected("missing_pixels", "the pixel shard named by the record is absent")
         return [(row, absent) for row in rows]

@@ -52,7 +52,7 @@ from osteo.config import ConfigError
 from osteo.layout import Layout
 from osteo.progress import track
 from osteo.quarantine import Quarantine
-from osteo.shards import link_shards, shard_members, shard_paths
+from osteo.shards import link_shards, shard_paths, stored_places
 from osteo.summary import StageSummary
 from osteo.vault import IdentityVault, PatientIdentity
 from tasks.ingest import PIXEL_COLUMNS, ExportError
@@ -192,15 +192,15 @@ def write_shards(
     Returns:
         One pseudonymised record per image with pixels, naming its shard and member.
     """
-    published = link_shards(source_dir, pixel_dir)
-    members = {name: set(shard_members(pixel_dir / name)) for name in published}
+    link_shards(source_dir, pixel_dir)
+    stored = stored_places(pixel_dir)
     rows: list[dict[str, Any]] = []
     for item in track(records.to_dict("records"), "pseudonymising records"):
         shard, member = str(item.get("pixel_shard") or ""), str(item.get("pixel_member") or "")
         if item.get("input_reason"):
             rows.append(_pseudonymised_row(item, None, None))  # validate quarantines it
             continue
-        if member not in members.get(shard, set()):
+        if (shard, member) not in stored:
             quarantine.add("work/ingest/records.parquet", "missing_pixels",
                            "the ingest stage kept no pixels for this image; run it again",
                            record_id=item["image_id"])

@@ -39,7 +39,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from osteo.config import ConfigError
 from osteo.layout import Layout
-from osteo.shards import shard_members, shard_paths
+from osteo.shards import stored_places
 from osteo.summary import StageSummary
 from osteo.tables import read_stage_input
 
@@ -170,8 +170,7 @@ def content_keys(records: pd.DataFrame, pixel_dir: Path) -> pd.Series:
     Raises:
         SplitError: when an image of the records is in none of the shards.
     """
-    stored = {(path.name, member) for path in shard_paths(pixel_dir)
-              for member in shard_members(path)}
+    stored = stored_places(pixel_dir)
     located = zip(records["shard"].astype(str), records["member"].astype(str), strict=True)
     missing = sorted(image_id for image_id, place in zip(records["image_id"], located,
                                                           strict=True)

@@ -50,7 +50,7 @@ from osteo.config import PACKAGE_ROOT, ConfigError
 from osteo.layout import Layout
 from osteo.quarantine import Quarantine
 from osteo.radiograph import STAT_COLUMNS
-from osteo.shards import shard_members, shard_paths
+from osteo.shards import stored_places
 from osteo.summary import StageSummary
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ def recorded_statistics(
         pixels are stored; the images with pixels but no usable statistics, with the reason
         why (image id -> sentence); and the number of stored images no record names.
     """
-    stored = {(path.name, member) for path in shard_paths(pixel_dir)
-              for member in shard_members(path)}
+    stored = stored_places(pixel_dir)
     located = list(zip(records["shard"].astype(str), records["member"].astype(str), strict=True))
     named = records["image_id"].map(lambda value: isinstance(value, str))
     present = pd.Series([place in stored for place in located], index=records.index) & named

@@ -11,13 +11,13 @@ import pytest
 
 from osteo.shards import (
     ShardWriter,
-    iter_images,
     link_shards,
     member_layouts,
     publish_members,
     read_shard,
     shard_members,
     shard_paths,
+    stored_places,
 )
 
 
@@ -42,11 +42,12 @@ def test_images_fill_consecutive_shards_and_read_back_identical(tmp_path: Path) 
 
     assert names == ["shard-00000.npz"] * 3 + ["shard-00001.npz"] * 3 + ["shard-00002.npz"]
     assert shard_members(tmp_path / "shards" / "shard-00001.npz") == list(content)[3:6]
-    stored = dict(iter_images(tmp_path / "shards"))
-    assert stored.keys() == content.keys()
-    for key, pixels in content.items():
-        np.testing.assert_array_equal(stored[key], pixels)
-        assert stored[key].dtype == pixels.dtype
+    assert stored_places(tmp_path / "shards") == {
+        (name, key) for name, key in zip(names, content, strict=True)}
+    for name, (key, pixels) in zip(names, content.items(), strict=True):
+        with read_shard(tmp_path / "shards" / name) as shard:
+            np.testing.assert_array_equal(shard[key], pixels)
+            assert shard[key].dtype == pixels.dtype
 
 
 def test_the_same_images_give_the_same_bytes(tmp_path: Path) -> None:
