@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import pydicom
 from PIL import Image
+from pydicom.datadict import dictionary_VR
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 DISPLAY_FLOATS = ("rescale_slope", "rescale_intercept", "window_center", "window_width")
@@ -66,11 +68,113 @@ class Decoded:
 # ---------------------------------------------------------------- decoding
 
 
-def decode_dicom(dataset: pydicom.Dataset) -> Decoded:
+@dataclass(frozen=True)
+class DicomHeader:
+    """The header attributes that checking and decoding a DICOM radiograph need, read once.
+
+    None of them identifies anyone. Defaults of the standard are applied (one sample per
+    pixel, one frame, unsigned values); ``pixel_data_bytes`` is None when the file has no Pixel
+    Data element.
+    """
+
+    transfer_syntax: pydicom.uid.UID | None
+    photometric: str
+    samples_per_pixel: int
+    bits_allocated: int | None
+    bits_stored: int | None
+    high_bit: int | None
+    pixel_representation: int
+    frames: int
+    rows: int | None
+    columns: int | None
+    modality: str | None
+    display: dict[str, float | None]  # rescale slope and intercept, window centre and width
+    pixel_data_bytes: int | None
+
+
+def read_dicom(data: bytes) -> tuple[pydicom.Dataset, DicomHeader]:
+    """Parse a DICOM file and convert the header values its checks and decoding need.
+
+    pydicom converts a value only when it is first read, so a value it cannot convert (an
+    unsigned short of three bytes, an integer string that is no number) would otherwise fail
+    halfway through the checks, outside any rejection. Here it makes the file unreadable.
+
+    Args:
+        data: the file's bytes.
+
+    Returns:
+        The parsed dataset, Pixel Data included, and its header values.
+
+    Raises:
+        DecodeError: ``unreadable_dicom``, when the bytes are not DICOM or a needed value cannot
+            be converted; the detail names the attribute, never its value.
+    """
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+    except Exception as error:  # noqa: BLE001 - any parse failure of untrusted bytes is "unreadable"
+        raise DecodeError("unreadable_dicom",
+                          f"not a readable DICOM file ({type(error).__name__})") from None
+    header = DicomHeader(
+        transfer_syntax=_value(dataset.file_meta, "TransferSyntaxUID"),
+        photometric=str(_value(dataset, "PhotometricInterpretation") or ""),
+        samples_per_pixel=_integer_or(dataset, "SamplesPerPixel", 1),
+        bits_allocated=_integer(dataset, "BitsAllocated"),
+        bits_stored=_integer(dataset, "BitsStored"),
+        high_bit=_integer(dataset, "HighBit"),
+        pixel_representation=_integer_or(dataset, "PixelRepresentation", 0),
+        frames=_integer(dataset, "NumberOfFrames") or 1,  # 0 in some single-frame exports
+        rows=_integer(dataset, "Rows"),
+        columns=_integer(dataset, "Columns"),
+        modality=str(_value(dataset, "Modality") or "") or None,
+        display={column: _first_float(_value(dataset, keyword))
+                 for column, keyword in _DICOM_FLOAT_TAGS.items()},
+        pixel_data_bytes=(len(_value(dataset, "PixelData") or b"")
+                          if "PixelData" in dataset else None),
+    )
+    return dataset, header
+
+
+def _value(dataset: pydicom.Dataset, keyword: str) -> Any:
+    """A header value as pydicom converts it, or None when absent.
+
+    Raises:
+        DecodeError: ``unreadable_dicom`` when pydicom cannot convert the stored bytes.
+    """
+    try:
+        return dataset.get(keyword)
+    except Exception:  # noqa: BLE001 - pydicom raises several types on malformed values
+        raise _malformed(keyword) from None
+
+
+def _integer(dataset: pydicom.Dataset, keyword: str) -> int | None:
+    """A header value that must be one integer; None when absent or empty."""
+    value = _value(dataset, keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise _malformed(keyword) from None
+
+
+def _integer_or(dataset: pydicom.Dataset, keyword: str, default: int) -> int:
+    """``_integer``, with the standard's default for an absent value."""
+    value = _integer(dataset, keyword)
+    return default if value is None else value
+
+
+def _malformed(keyword: str) -> DecodeError:
+    tag = Tag(keyword)
+    return DecodeError("unreadable_dicom", f"DICOM attribute {keyword} {tag} has a value that "
+                                           f"cannot be read as {dictionary_VR(tag)}")
+
+
+def decode_dicom(dataset: pydicom.Dataset, header: DicomHeader) -> Decoded:
     """Decode a parsed DICOM radiograph's stored values, keeping only display attributes.
 
     Args:
         dataset: the parsed file, Pixel Data included.
+        header: its header values (``read_dicom``).
 
     Returns:
         Stored values as uint16 and modality, photometric, bits_stored, rescale and window
@@ -80,7 +184,7 @@ def decode_dicom(dataset: pydicom.Dataset) -> Decoded:
         DecodeError: when the values are signed and negative, or not a single 2-D frame.
         Exception: whatever pydicom's pixel decoders raise on data they cannot decode.
     """
-    pixels = _stored_values(dataset)
+    pixels = _stored_values(dataset, header)
     if pixels.ndim != 2:
         raise DecodeError("unsupported_image", f"pixel array has {pixels.ndim} dimensions, not 2")
     if pixels.dtype.kind == "i":
@@ -88,34 +192,30 @@ def decode_dicom(dataset: pydicom.Dataset) -> Decoded:
             raise DecodeError("unsupported_image", "signed pixel values below zero")
         pixels = pixels.astype(np.uint16)
     attributes: dict[str, Any] = {
-        "modality": str(dataset.get("Modality", "")) or None,
-        "photometric": str(dataset.PhotometricInterpretation),
-        "bits_stored": int(dataset.get("BitsStored") or dataset.BitsAllocated),
-        "rows": int(pixels.shape[0]), "columns": int(pixels.shape[1]),
+        "modality": header.modality, "photometric": header.photometric,
+        "bits_stored": header.bits_stored or header.bits_allocated,
+        "rows": int(pixels.shape[0]), "columns": int(pixels.shape[1]), **header.display,
     }
-    for column, keyword in _DICOM_FLOAT_TAGS.items():
-        attributes[column] = _first_float(dataset.get(keyword))
     return Decoded(pixels.astype(np.uint16, copy=False), attributes)
 
 
-def _stored_values(dataset: pydicom.Dataset) -> np.ndarray:
+def _stored_values(dataset: pydicom.Dataset, header: DicomHeader) -> np.ndarray:
     """Stored values; uncompressed unsigned 16-bit data is viewed in place, not converted."""
-    transfer_syntax = dataset.file_meta.get("TransferSyntaxUID")
-    bits_stored = int(dataset.get("BitsStored") or 16)
+    bits_stored = header.bits_stored or 16
+    rows, columns = header.rows or 0, header.columns or 0
     fast = (
-        transfer_syntax in _NATIVE_LITTLE_ENDIAN and dataset.get("BitsAllocated") == 16
-        and dataset.get("PixelRepresentation", 0) == 0 and dataset.get("SamplesPerPixel", 1) == 1
-        and int(dataset.get("NumberOfFrames", 1) or 1) == 1
-        and int(dataset.get("HighBit", bits_stored - 1)) == bits_stored - 1
+        header.transfer_syntax in _NATIVE_LITTLE_ENDIAN and header.bits_allocated == 16
+        and header.pixel_representation == 0 and header.samples_per_pixel == 1
+        and header.frames == 1 and rows > 0 and columns > 0
+        and (header.high_bit is None or header.high_bit == bits_stored - 1)
     )
     if not fast:
         pixels: np.ndarray = dataset.pixel_array
         return pixels
-    rows, columns = int(dataset.Rows), int(dataset.Columns)
-    buffer = dataset.PixelData
-    if len(buffer) < rows * columns * 2:
+    if (header.pixel_data_bytes or 0) < rows * columns * 2:
         raise DecodeError("undecodable_pixels", "Pixel Data is shorter than rows x columns")
-    pixels = np.frombuffer(buffer, dtype="<u2", count=rows * columns).reshape(rows, columns)
+    pixels = np.frombuffer(dataset.PixelData, dtype="<u2", count=rows * columns)
+    pixels = pixels.reshape(rows, columns)
     if bits_stored < 16:
         pixels = pixels & np.uint16((1 << bits_stored) - 1)  # unused high bits are not pixel data
     return pixels

@@ -93,10 +93,12 @@ from osteo.radiograph import (
     STAT_COLUMNS,
     Decoded,
     DecodeError,
+    DicomHeader,
     PixelEncoding,
     decode_dicom,
     decode_png,
     image_statistics,
+    read_dicom,
 )
 from osteo.shards import ShardWriter
 from osteo.summary import StageSummary
@@ -326,14 +328,14 @@ def inspect_image(path: Path, name: str, size: int) -> tuple[ImageFile, np.ndarr
         detail = f"file type '{path.suffix or 'none'}' is not DICOM (.dcm) or PNG (.png)"
         return replace(image, reason="not_an_image", detail=detail), None
     if image.format == "png":
-        check, dataset = _check_png(data), None
+        check, dicom = _check_png(data), None
     else:
-        check, dataset = _check_dicom(data)
+        check, dicom = _check_dicom(data)
     image = replace(image, birth_date=check.birth_date, reason=check.reason, detail=check.detail)
     if image.reason:
         return image, None
     try:
-        decoded = decode_png(data) if dataset is None else decode_dicom(dataset)
+        decoded = decode_png(data) if dicom is None else decode_dicom(*dicom)
     except DecodeError as error:
         return replace(image, reason=error.reason, detail=error.detail), None
     except Exception as error:  # noqa: BLE001 - any decoder failure on untrusted bytes
@@ -407,49 +409,47 @@ def _check_png(data: bytes) -> HeaderCheck:
     return HeaderCheck()
 
 
-def _check_dicom(data: bytes) -> tuple[HeaderCheck, pydicom.Dataset | None]:
+def _check_dicom(data: bytes) -> tuple[HeaderCheck, tuple[pydicom.Dataset, DicomHeader] | None]:
     """Parse a DICOM file and check it holds one usable grayscale radiograph.
 
     Returns:
-        The check, and the parsed dataset when the file could be parsed.
+        The check, and the parsed dataset with its header values when the file could be read.
     """
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data))
-    except Exception as error:  # noqa: BLE001 - any parse failure of untrusted bytes is "unreadable"
-        detail = f"not a readable DICOM file ({type(error).__name__})"
-        return HeaderCheck("unreadable_dicom", detail), None
+        dataset, header = read_dicom(data)
+    except DecodeError as error:
+        return HeaderCheck(error.reason, error.detail), None
     birth_date = str(dataset.get("PatientBirthDate", "") or "")
-    if "PixelData" not in dataset:
+    parsed = (dataset, header)
+    if header.pixel_data_bytes is None:
         detail = "DICOM file has no Pixel Data element (header only, or truncated)"
-        return HeaderCheck("dicom_without_pixels", detail, birth_date), dataset
-    problem = _unsupported_dicom(dataset)
+        return HeaderCheck("dicom_without_pixels", detail, birth_date), parsed
+    problem = _unsupported_dicom(header)
     if problem:
-        return HeaderCheck("unsupported_image", problem, birth_date), dataset
+        return HeaderCheck("unsupported_image", problem, birth_date), parsed
     try:
         check_burned_in_annotation(dataset)
     except BurnedInAnnotationError as refused:
         detail = "the image may show text burned into its pixels (Burned In Annotation)"
-        return HeaderCheck(refused.reason, detail, birth_date), dataset
-    expected = _native_pixel_bytes(dataset)
-    found = len(dataset.PixelData)
+        return HeaderCheck(refused.reason, detail, birth_date), parsed
+    expected, found = _native_pixel_bytes(header), header.pixel_data_bytes
     if expected and found < expected:
-        detail = (f"Pixel Data holds {found} bytes but {dataset.Rows}x{dataset.Columns} pixels "
-                  f"of {dataset.BitsAllocated} bits need {expected}")
-        return HeaderCheck("truncated_image", detail, birth_date), dataset
-    return HeaderCheck(birth_date=birth_date), dataset
+        detail = (f"Pixel Data holds {found} bytes but {header.rows}x{header.columns} pixels "
+                  f"of {header.bits_allocated} bits need {expected}")
+        return HeaderCheck("truncated_image", detail, birth_date), parsed
+    return HeaderCheck(birth_date=birth_date), parsed
 
 
-def _unsupported_dicom(dataset: pydicom.Dataset) -> str:
+def _unsupported_dicom(header: DicomHeader) -> str:
     """Why a DICOM image cannot be used as a single grayscale radiograph, or empty."""
-    photometric = str(dataset.get("PhotometricInterpretation", ""))
-    transfer_syntax = dataset.file_meta.get("TransferSyntaxUID")
+    transfer_syntax = header.transfer_syntax
     checks = [
-        (photometric not in MONOCHROME,
-         f"photometric interpretation '{photometric}' is not MONOCHROME1 or MONOCHROME2"),
-        (dataset.get("SamplesPerPixel", 1) != 1, "more than one sample per pixel"),
-        (dataset.get("BitsAllocated") not in (8, 16), "bits allocated is not 8 or 16"),
-        (int(dataset.get("NumberOfFrames", 1) or 1) != 1, "multi-frame image"),
-        (not dataset.get("Rows") or not dataset.get("Columns"), "rows or columns missing"),
+        (header.photometric not in MONOCHROME,
+         f"photometric interpretation '{header.photometric}' is not MONOCHROME1 or MONOCHROME2"),
+        (header.samples_per_pixel != 1, "more than one sample per pixel"),
+        (header.bits_allocated not in (8, 16), "bits allocated is not 8 or 16"),
+        (header.frames != 1, "multi-frame image"),
+        (not header.rows or not header.columns, "rows or columns missing"),
         (transfer_syntax is not None and not _decodable(transfer_syntax),
          f"no pixel decoder available for transfer syntax {transfer_syntax}"),
     ]
@@ -463,12 +463,11 @@ def _decodable(transfer_syntax: pydicom.uid.UID) -> bool:
         return False
 
 
-def _native_pixel_bytes(dataset: pydicom.Dataset) -> int:
+def _native_pixel_bytes(header: DicomHeader) -> int:
     """Bytes the Pixel Data of an uncompressed image needs; 0 when encapsulated."""
-    transfer_syntax = dataset.file_meta.get("TransferSyntaxUID")
-    if transfer_syntax is not None and transfer_syntax.is_compressed:
+    if header.transfer_syntax is not None and header.transfer_syntax.is_compressed:
         return 0
-    return int(dataset.Rows) * int(dataset.Columns) * int(dataset.BitsAllocated) // 8
+    return (header.rows or 0) * (header.columns or 0) * (header.bits_allocated or 0) // 8
 
 
 def _mark_duplicate(image: ImageFile, first_of: dict[str, str]) -> ImageFile:

@@ -21,6 +21,9 @@ import pandas as pd
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 import tasks.ingest as ingest_module
 from osteo.config import load_params
@@ -348,6 +351,32 @@ def test_unreadable_dicom_is_quarantined(project_dir: Path) -> None:
     result = run_ingest(project_dir)
 
     assert single(result.rejected("unreadable_dicom"))["source"] == "images/IMG0005.dcm"
+    assert result.summary.accepted == 4
+
+
+@pytest.mark.parametrize(("keyword", "raw"), [
+    ("Rows", b"\x00\x02\x00"),  # an unsigned short (US) of three bytes
+    ("BitsAllocated", b"\x10"),  # of one byte
+    ("NumberOfFrames", b"one "),  # an integer string (IS) that is no number
+])
+def test_dicom_with_a_malformed_header_value_is_quarantined(
+    project_dir: Path, keyword: str, raw: bytes,
+) -> None:
+    """pydicom parses the file but cannot convert the value: one image, not the run, fails."""
+    export = make_export(project_dir)
+    path = export.images_dir / "IMG0005.dcm"
+    make_dicom(path, "HOSP-000103")
+    dataset = pydicom.dcmread(path)
+    tag = Tag(keyword)
+    dataset[tag] = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)
+    dataset.save_as(path)
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("unreadable_dicom"))
+    assert rejection["source"] == "images/IMG0005.dcm"
+    assert f"{keyword} {tag}" in rejection["detail"]
+    assert raw.decode(errors="replace").strip() not in rejection["detail"]
     assert result.summary.accepted == 4
 
 
