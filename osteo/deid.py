@@ -392,14 +392,24 @@ def check_burned_in_annotation(dataset: Dataset) -> None:
         BurnedInAnnotationError: Burned In Annotation is YES, or missing on a modality or SOP
             class where burned-in text is common.
     """
-    declared = str(dataset.get("BurnedInAnnotation", "") or "").strip().upper()
+    check_burned_in_values(str(dataset.get("BurnedInAnnotation", "") or ""),
+                           str(dataset.get("Modality", "") or ""),
+                           str(dataset.get("SOPClassUID", "") or ""))
+
+
+def check_burned_in_values(burned_in_annotation: str, modality: str, sop_class: str) -> None:
+    """``check_burned_in_annotation`` on header values already read (empty when absent).
+
+    Raises:
+        BurnedInAnnotationError: as ``check_burned_in_annotation``.
+    """
+    declared = burned_in_annotation.strip().upper()
     if declared == "YES":
         raise BurnedInAnnotationError(
             "the image declares burned-in annotation (Burned In Annotation = YES)",
             reason="burned_in_annotation",
         )
-    modality = str(dataset.get("Modality", "") or "").upper()
-    sop_class = str(dataset.get("SOPClassUID", "") or "")
+    modality = modality.upper()
     secondary_capture = sop_class == SECONDARY_CAPTURE or sop_class.startswith(
         SECONDARY_CAPTURE + ".")
     risky = modality in BURNED_IN_RISK_MODALITIES or secondary_capture

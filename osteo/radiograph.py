@@ -90,6 +90,8 @@ class DicomHeader:
     modality: str | None
     display: dict[str, float | None]  # rescale slope and intercept, window centre and width
     pixel_data_bytes: int | None
+    burned_in_annotation: str
+    sop_class: str
 
 
 def read_dicom(data: bytes) -> tuple[pydicom.Dataset, DicomHeader]:
@@ -115,8 +117,8 @@ def read_dicom(data: bytes) -> tuple[pydicom.Dataset, DicomHeader]:
         raise DecodeError("unreadable_dicom",
                           f"not a readable DICOM file ({type(error).__name__})") from None
     header = DicomHeader(
-        transfer_syntax=_value(dataset.file_meta, "TransferSyntaxUID"),
-        photometric=str(_value(dataset, "PhotometricInterpretation") or ""),
+        transfer_syntax=header_value(dataset.file_meta, "TransferSyntaxUID"),
+        photometric=str(header_value(dataset, "PhotometricInterpretation") or ""),
         samples_per_pixel=_integer_or(dataset, "SamplesPerPixel", 1),
         bits_allocated=_integer(dataset, "BitsAllocated"),
         bits_stored=_integer(dataset, "BitsStored"),
@@ -125,17 +127,22 @@ def read_dicom(data: bytes) -> tuple[pydicom.Dataset, DicomHeader]:
         frames=_integer(dataset, "NumberOfFrames") or 1,  # 0 in some single-frame exports
         rows=_integer(dataset, "Rows"),
         columns=_integer(dataset, "Columns"),
-        modality=str(_value(dataset, "Modality") or "") or None,
-        display={column: _first_float(_value(dataset, keyword))
+        modality=str(header_value(dataset, "Modality") or "") or None,
+        display={column: _first_float(header_value(dataset, keyword))
                  for column, keyword in _DICOM_FLOAT_TAGS.items()},
-        pixel_data_bytes=(len(_value(dataset, "PixelData") or b"")
+        pixel_data_bytes=(len(header_value(dataset, "PixelData") or b"")
                           if "PixelData" in dataset else None),
+        burned_in_annotation=str(header_value(dataset, "BurnedInAnnotation") or ""),
+        sop_class=str(header_value(dataset, "SOPClassUID") or ""),
     )
     return dataset, header
 
 
-def _value(dataset: pydicom.Dataset, keyword: str) -> Any:
+def header_value(dataset: pydicom.Dataset, keyword: str) -> Any:
     """A header value as pydicom converts it, or None when absent.
+
+    Reading a value through this function is safe on untrusted files; ``read_dicom`` reads
+    every value this module needs through it.
 
     Raises:
         DecodeError: ``unreadable_dicom`` when pydicom cannot convert the stored bytes.
@@ -148,7 +155,7 @@ def _value(dataset: pydicom.Dataset, keyword: str) -> Any:
 
 def _integer(dataset: pydicom.Dataset, keyword: str) -> int | None:
     """A header value that must be one integer; None when absent or empty."""
-    value = _value(dataset, keyword)
+    value = header_value(dataset, keyword)
     if value is None or value == "":
         return None
     try:

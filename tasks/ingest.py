@@ -82,7 +82,7 @@ from prefect.cache_policies import NO_CACHE
 from pydicom.pixels import get_decoder
 
 from osteo.config import ConfigError
-from osteo.deid import BurnedInAnnotationError, check_burned_in_annotation
+from osteo.deid import BurnedInAnnotationError, check_burned_in_values
 from osteo.layout import Layout
 from osteo.parallel import SharedArrays, SharedSpec, attach, attached, ordered_map
 from osteo.progress import track
@@ -97,6 +97,7 @@ from osteo.radiograph import (
     PixelEncoding,
     decode_dicom,
     decode_png,
+    header_value,
     image_statistics,
     read_dicom,
 )
@@ -417,9 +418,9 @@ def _check_dicom(data: bytes) -> tuple[HeaderCheck, tuple[pydicom.Dataset, Dicom
     """
     try:
         dataset, header = read_dicom(data)
+        birth_date = str(header_value(dataset, "PatientBirthDate") or "")
     except DecodeError as error:
         return HeaderCheck(error.reason, error.detail), None
-    birth_date = str(dataset.get("PatientBirthDate", "") or "")
     parsed = (dataset, header)
     if header.pixel_data_bytes is None:
         detail = "DICOM file has no Pixel Data element (header only, or truncated)"
@@ -428,7 +429,8 @@ def _check_dicom(data: bytes) -> tuple[HeaderCheck, tuple[pydicom.Dataset, Dicom
     if problem:
         return HeaderCheck("unsupported_image", problem, birth_date), parsed
     try:
-        check_burned_in_annotation(dataset)
+        check_burned_in_values(header.burned_in_annotation, header.modality or "",
+                               header.sop_class)
     except BurnedInAnnotationError as refused:
         detail = "the image may show text burned into its pixels (Burned In Annotation)"
         return HeaderCheck(refused.reason, detail, birth_date), parsed

@@ -380,6 +380,60 @@ def test_dicom_with_a_malformed_header_value_is_quarantined(
     assert result.summary.accepted == 4
 
 
+def test_dicom_whose_birth_date_has_an_unknown_value_representation_is_quarantined(
+    project_dir: Path,
+) -> None:
+    """An identifying attribute pydicom cannot read: the detail names it, never its value."""
+    export = make_export(project_dir)
+    path = export.images_dir / "IMG0005.dcm"
+    make_dicom(path, "HOSP-000103", birth_date="19470312")
+    element = b"\x10\x00\x30\x00DA"  # (0010,0030) Patient's Birth Date, explicit VR "DA"
+    data = path.read_bytes()
+    assert data.count(element) == 1
+    path.write_bytes(data.replace(element, b"\x10\x00\x30\x00D\xce"))
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("unreadable_dicom"))
+    assert rejection["source"] == "images/IMG0005.dcm"
+    assert "PatientBirthDate" in rejection["detail"]
+    assert "19470312" not in rejection["detail"]
+    assert result.summary.accepted == 4
+
+
+IMAGE_REASONS = {
+    "unreadable_dicom", "dicom_without_pixels", "unsupported_image", "truncated_image",
+    "undecodable_pixels", "burned_in_annotation", "burned_in_annotation_unknown",
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about each damaged element
+def test_damaged_dicom_headers_end_in_a_reason_never_an_exception(tmp_path: Path) -> None:
+    """Bytes of the header overwritten, cut out or inserted, 1000 times (seeded)."""
+    original = make_dicom(tmp_path / "original.dcm", "HOSP-000103").read_bytes()
+    header_end = original.index(b"\xe0\x7f\x10\x00")  # the Pixel Data element's tag
+    rng = np.random.default_rng(7)
+    outcomes: set[str] = set()
+    for attempt in range(1000):
+        data = bytearray(original)
+        for _ in range(rng.integers(1, 6, endpoint=True)):
+            position, change = int(rng.integers(min(header_end, len(data)))), rng.random()
+            if change < 0.6:
+                data[position] = int(rng.integers(256))
+            elif change < 0.8:
+                del data[position:position + int(rng.integers(1, 8, endpoint=True))]
+            else:
+                data[position:position] = rng.bytes(int(rng.integers(1, 8, endpoint=True)))
+        path = tmp_path / f"damaged{attempt}.dcm"
+        path.write_bytes(bytes(data))
+
+        image, _ = ingest_module.inspect_image(path, path.name, 32)
+
+        assert image.reason in IMAGE_REASONS or (not image.reason and image.pixels), attempt
+        outcomes.add(image.reason or "usable")
+    assert {"unreadable_dicom", "usable"} <= outcomes
+
+
 def test_dicom_without_pixel_data_is_quarantined(project_dir: Path) -> None:
     export = make_export(project_dir)
     make_dicom(export.images_dir / "IMG0005.dcm", "HOSP-000103", with_pixels=False)
