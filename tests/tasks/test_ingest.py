@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gdcm
 import numpy as np
 import pandas as pd
 import pydicom
@@ -352,6 +353,44 @@ def test_unreadable_dicom_is_quarantined(project_dir: Path) -> None:
 
     assert single(result.rejected("unreadable_dicom"))["source"] == "images/IMG0005.dcm"
     assert result.summary.accepted == 4
+
+
+def compressed_copy(source: Path, target: Path, transfer_syntax: str) -> Path:
+    """``source`` with its pixels re-encoded by GDCM in another transfer syntax."""
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, transfer_syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    return target
+
+
+@pytest.mark.parametrize(("transfer_syntax", "uid"), [
+    ("JPEGLosslessProcess14_1", "1.2.840.10008.1.2.4.70"),  # what PACS exports mostly use
+    ("JPEGLSLossless", "1.2.840.10008.1.2.4.80"),
+    ("JPEG2000Lossless", "1.2.840.10008.1.2.4.90"),
+    ("RLELossless", "1.2.840.10008.1.2.5"),
+])
+def test_losslessly_compressed_dicom_gives_the_same_model_input(
+    tmp_path: Path, transfer_syntax: str, uid: str,
+) -> None:
+    original = make_dicom(tmp_path / "original.dcm", "HOSP-000103", photometric="MONOCHROME1")
+    compressed = compressed_copy(original, tmp_path / "compressed.dcm", transfer_syntax)
+    assert pydicom.dcmread(compressed).file_meta.TransferSyntaxUID == uid
+
+    plain, plain_input = ingest_module.inspect_image(original, original.name, 64)
+    image, model_input = ingest_module.inspect_image(compressed, compressed.name, 64)
+
+    assert image.reason == "" and model_input is not None and plain_input is not None
+    assert image.pixels == plain.pixels  # statistics and content key of the same pixels
+    np.testing.assert_array_equal(model_input, plain_input)
 
 
 @pytest.mark.parametrize(("keyword", "raw"), [
