@@ -28,6 +28,7 @@ from osteo import dvc, lineage, trail
 from osteo.config import load_params
 from osteo.layout import Layout
 from osteo.minimise import check_file
+from osteo.runlock import project_run
 from osteo.summary import AccountingError, StageSummary
 from tasks.ingest import ingest
 from tasks.preprocess import preprocess
@@ -130,10 +131,20 @@ def prepare_dataset(project_dir: str, push: bool = True) -> PreparationSummary:
 
     Returns:
         The run's summary: counts per stage, quarantine by reason, data version, remote.
+
+    Raises:
+        ProjectBusyError: when another run is in progress in the project.
     """
 
-    # 1. Run the stages in order; each works on the whole dataset in batches or shards.
     root = Path(project_dir).resolve()
+    with project_run(root, "the prepare-dataset flow"):
+        return _prepare(root, push)
+
+
+def _prepare(root: Path, push: bool) -> PreparationSummary:
+    """The flow's work, while it holds the project's run lock."""
+
+    # 1. Run the stages in order; each works on the whole dataset in batches or shards.
     layout, params = Layout(root), load_params(root)
     started = time.perf_counter()
     stages = []

@@ -56,6 +56,7 @@ from prefect.runtime import flow_run
 from osteo.audit import load_signer, open_audit_log
 from osteo.config import load_params
 from osteo.layout import Layout
+from osteo.runlock import project_run
 from tasks.retention import (
     RETENTION_ROLE,
     RetentionPolicy,
@@ -94,10 +95,20 @@ def apply_retention(
     Raises:
         ConfigError: when params.yaml ``retention`` or a storage setting is unusable.
         RetentionError: when a store refuses a listing or a deletion.
+        ProjectBusyError: when another run is in progress in the project.
     """
 
-    # 1. The policy, the day, and the run's audit log.
     root = Path(project_dir).resolve()
+    with project_run(root, "the apply-retention flow"):
+        return _retain(root, now, dry_run, audit_prefix)
+
+
+def _retain(
+    root: Path, now: datetime | None, dry_run: bool, audit_prefix: str,
+) -> RetentionReport:
+    """The flow's work, while it holds the project's run lock."""
+
+    # 1. The policy, the day, and the run's audit log.
     policy = RetentionPolicy.from_params(load_params(root))
     run = _start(root, now, dry_run, audit_prefix)
     logger.info("retention run %s for %s%s", run.run_id, run.today,

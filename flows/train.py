@@ -23,6 +23,7 @@ from flows.prepare import DATA_STAGES, PreparationSummary, prepare_dataset
 from osteo import dvc, registry, trail
 from osteo.config import load_params
 from osteo.layout import Layout
+from osteo.runlock import project_run
 from tasks.evaluate import EvaluationResult, evaluate
 from tasks.oracle import oracle
 from tasks.train import TrainResult, train
@@ -95,8 +96,17 @@ def train_model(project_dir: str, prepare: bool = True, push: bool = True) -> Tr
 
     Returns:
         The run's summary.
+
+    Raises:
+        ProjectBusyError: when another run is in progress in the project.
     """
     root = Path(project_dir).resolve()
+    with project_run(root, "the train-model flow"):
+        return _train(root, prepare, push)
+
+
+def _train(root: Path, prepare: bool, push: bool) -> TrainingSummary:
+    """The flow's work, while it holds the project's run lock."""
 
     # 1. The dataset: prepared now, or pulled as recorded in dvc.lock.
     preparation = prepare_dataset(str(root), push=push) if prepare else None

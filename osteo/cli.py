@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from osteo.logs import configure_logging
+from osteo.runlock import project_run
 
 app = typer.Typer(
     help="osteo: osteoporosis probability for X-rays, with patients' data kept private.",
@@ -42,6 +43,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from osteo.minimise import UndeclaredFieldError
     from osteo.patient_files import PatientFileError
     from osteo.registry import RegistryError
+    from osteo.runlock import ProjectBusyError
     from osteo.seaweed import ServerError
     from osteo.vault import VaultError
     from tasks.evaluate import EvaluationError
@@ -53,7 +55,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DvcError, ServerError, ExportError, SplitError, VaultError,
             ValidateError, PreprocessError, EvaluationError, RegistryError, LineageError,
             UndeclaredFieldError, PatientFileError, WeightsIntegrityError, TrainingDataError,
-            CheckpointError)
+            CheckpointError, ProjectBusyError)
 
 
 def _fail(error: Exception) -> typer.Exit:
@@ -81,7 +83,8 @@ def stage(
     prepare_environment()
     root = project_dir.resolve()
     try:
-        result = _stage_task(name).fn(Layout(root), load_params(root))
+        with project_run(root, f"osteo stage {name}"):
+            result = _stage_task(name).fn(Layout(root), load_params(root))
     except _user_errors() as error:
         raise _fail(error) from None
     typer.echo(f"{name}: {_describe(result)}")
@@ -126,13 +129,14 @@ def prepare(
 
     prepare_environment()
     root = project_dir.resolve()
-    if export is not None:
-        if not export.is_dir():
-            raise _fail(FileNotFoundError(f"export directory {export} does not exist"))
-        set_param(root, "export.path", _relative_to(export.resolve(), root))
+    if export is not None and not export.is_dir():
+        raise _fail(FileNotFoundError(f"export directory {export} does not exist"))
     try:
-        with storage_session(root):
-            summary = _run_preparation(root, push)
+        with project_run(root, "osteo prepare"):
+            if export is not None:
+                set_param(root, "export.path", _relative_to(export.resolve(), root))
+            with storage_session(root):
+                summary = _run_preparation(root, push)
     except _user_errors() as error:
         raise _fail(error) from None
     _print_preparation(summary)
@@ -204,7 +208,7 @@ def train(
     prepare_environment()
     root = project_dir.resolve()
     try:
-        with storage_session(root):
+        with project_run(root, "osteo train"), storage_session(root):
             summary = _run_training(root, prepare, push)
     except _user_errors() as error:
         raise _fail(error) from None
@@ -234,18 +238,19 @@ def demo(
     root = project_dir.resolve()
     export = root / "exports" / "demo"
     try:
-        # 1. The synthetic export (kept between runs unless --regenerate).
-        if regenerate or not (export / "patients.csv").exists():
-            params = load_params(root)
-            count = patients or params["generate"]["patients"]
-            typer.echo(f"generating a synthetic export of {count} patients in {export}")
-            generate_from_params(params, export, patients=count, force=True)
-        set_param(root, "export.path", _relative_to(export, root))
-        set_param(root, "export.truth", _relative_to(default_truth_path(export), root))
+        with project_run(root, "osteo demo"):
+            # 1. The synthetic export (kept between runs unless --regenerate).
+            if regenerate or not (export / "patients.csv").exists():
+                params = load_params(root)
+                count = patients or params["generate"]["patients"]
+                typer.echo(f"generating a synthetic export of {count} patients in {export}")
+                generate_from_params(params, export, patients=count, force=True)
+            set_param(root, "export.path", _relative_to(export, root))
+            set_param(root, "export.truth", _relative_to(default_truth_path(export), root))
 
-        # 2. Data preparation, training, evaluation and registration.
-        with storage_session(root):
-            summary = _run_training(root, True, push)
+            # 2. Data preparation, training, evaluation and registration.
+            with storage_session(root):
+                summary = _run_training(root, True, push)
     except _user_errors() as error:
         raise _fail(error) from None
     _print_preparation(summary.preparation)
@@ -647,7 +652,7 @@ def retention(
     root = project_dir.resolve()
     errors = _user_errors() + (AuditError, LineageError, PatientFileError, RetentionError)
     try:
-        with storage_session(root):
+        with project_run(root, "osteo retention"), storage_session(root):
             from flows.retention import apply_retention
 
             report = apply_retention(str(root), now=day, dry_run=dry_run)
