@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,12 +42,17 @@ STAT_COLUMNS = (
 )
 SAMPLE_PIXELS = 16_384  # pixels of the strided subsample: moments, percentiles, texture
 PNG_MODES = ("L", "I;16", "I;16B", "I;16L")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _DICOM_FLOAT_TAGS = {
     "rescale_slope": "RescaleSlope", "rescale_intercept": "RescaleIntercept",
     "window_center": "WindowCenter", "window_width": "WindowWidth",
 }
+# Without a rescale (nor a Modality LUT Sequence, which ingest refuses) the stored values are
+# the modality values (PS3.3 C.11.1): the identity. Many CR headers leave the rescale out, and
+# a PNG has none. A window has no such default.
+IDENTITY_RESCALE = {"rescale_slope": 1.0, "rescale_intercept": 0.0}
 
 
 class DecodeError(Exception):
@@ -92,6 +98,7 @@ class DicomHeader:
     pixel_data_bytes: int | None
     burned_in_annotation: str
     sop_class: str
+    modality_lut: bool  # a Modality LUT Sequence, which replaces the rescale
 
 
 def read_dicom(data: bytes) -> tuple[pydicom.Dataset, DicomHeader]:
@@ -128,12 +135,13 @@ def read_dicom(data: bytes) -> tuple[pydicom.Dataset, DicomHeader]:
         rows=_integer(dataset, "Rows"),
         columns=_integer(dataset, "Columns"),
         modality=str(header_value(dataset, "Modality") or "") or None,
-        display={column: _first_float(header_value(dataset, keyword))
+        display={column: _display_value(dataset, keyword, IDENTITY_RESCALE.get(column))
                  for column, keyword in _DICOM_FLOAT_TAGS.items()},
         pixel_data_bytes=(len(header_value(dataset, "PixelData") or b"")
                           if "PixelData" in dataset else None),
         burned_in_annotation=str(header_value(dataset, "BurnedInAnnotation") or ""),
         sop_class=str(header_value(dataset, "SOPClassUID") or ""),
+        modality_lut="ModalityLUTSequence" in dataset,
     )
     return dataset, header
 
@@ -168,6 +176,14 @@ def _integer_or(dataset: pydicom.Dataset, keyword: str, default: int) -> int:
     """``_integer``, with the standard's default for an absent value."""
     value = _integer(dataset, keyword)
     return default if value is None else value
+
+
+def _display_value(dataset: pydicom.Dataset, keyword: str, default: float | None) -> float | None:
+    """A rescale or window value; ``default`` when absent, None when it is not a number."""
+    value = header_value(dataset, keyword)
+    if value is None or value == "":
+        return default
+    return _first_float(value)
 
 
 def _malformed(keyword: str) -> DecodeError:
@@ -235,7 +251,8 @@ def decode_png(data: bytes) -> Decoded:
         data: the file's bytes.
 
     Returns:
-        Values as uint16; no modality, rescale or window attributes.
+        Values as uint16; bits_stored from the sBIT chunk when there is one, else the bit
+        depth; the identity rescale; no modality or window.
 
     Raises:
         DecodeError: when the PNG is not 8- or 16-bit grayscale.
@@ -247,14 +264,33 @@ def decode_png(data: bytes) -> Decoded:
         pixels = np.asarray(image)
     if mode not in PNG_MODES:
         raise DecodeError("unsupported_image", f"PNG mode {mode} is not 8- or 16-bit grayscale")
-    # Limitation: a PNG carries no modality, rescale or window, nor how many of its 16 bits are
-    # significant; those attributes stay null and bits_stored is the PNG bit depth.
+    # A PNG carries no modality or window: they stay null, and the rescale is the identity.
+    depth = 8 if mode == "L" else 16
     attributes: dict[str, Any] = {
-        "modality": None, "photometric": "MONOCHROME2", "bits_stored": 8 if mode == "L" else 16,
+        "modality": None, "photometric": "MONOCHROME2",
+        "bits_stored": _significant_bits(data, depth),
         "rows": int(pixels.shape[0]), "columns": int(pixels.shape[1]),
     }
-    attributes |= dict.fromkeys(DISPLAY_FLOATS)
+    attributes |= dict.fromkeys(DISPLAY_FLOATS) | IDENTITY_RESCALE
     return Decoded(pixels.astype(np.uint16, copy=False), attributes)
+
+
+def _significant_bits(data: bytes, depth: int) -> int:
+    """The bits per value a grayscale PNG declares significant (its sBIT chunk), else its depth.
+
+    A 12-bit detector's values in a 16-bit PNG use 12 bits; without sBIT they are read as 16,
+    and the validate stage finds them implausibly dark.
+    """
+    position = len(PNG_SIGNATURE)
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"IDAT":  # sBIT must come before the image data
+            break
+        if kind == b"sBIT" and length >= 1 and position + 9 <= len(data):
+            bits = data[position + 8]
+            return bits if 1 <= bits <= depth else depth
+        position += 12 + length
+    return depth
 
 
 def _first_float(value: Any) -> float | None:

@@ -90,6 +90,7 @@ from osteo.quarantine import Quarantine
 from osteo.radiograph import (
     ATTRIBUTE_COLUMNS,
     PNG_MODES,
+    PNG_SIGNATURE,
     STAT_COLUMNS,
     Decoded,
     DecodeError,
@@ -132,7 +133,6 @@ RECORD_SCHEMA = pa.schema([
       for column in PIXEL_COLUMNS],
     ("pixel_shard", pa.string()), ("pixel_member", pa.string()),
 ])
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 BATCH_IMAGES = 16  # images per unit of work of the worker processes
 # One worker process per core this process may run on (a container's CPU set, not the host's).
@@ -452,6 +452,9 @@ def _unsupported_dicom(header: DicomHeader) -> str:
         (header.bits_allocated not in (8, 16), "bits allocated is not 8 or 16"),
         (header.frames != 1, "multi-frame image"),
         (not header.rows or not header.columns, "rows or columns missing"),
+        (header.modality_lut,
+         "a Modality LUT Sequence maps the stored values; only a rescale slope and intercept "
+         "are applied"),
         (transfer_syntax is not None and not _decodable(transfer_syntax),
          f"no pixel decoder available for transfer syntax {transfer_syntax}"),
     ]

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
@@ -199,13 +200,17 @@ def make_dicom(
     return path
 
 
-def make_png(path: Path, pixels: np.ndarray | None = None, bit_depth: int = 16) -> Path:
+def make_png(
+    path: Path, pixels: np.ndarray | None = None, bit_depth: int = 16,
+    significant_bits: int | None = None,
+) -> Path:
     """Write a grayscale PNG (16-bit by default, or 8-bit).
 
     Args:
         path: where to write it.
         pixels: values; defaults to ``sample_pixels()``.
         bit_depth: 16 or 8.
+        significant_bits: declared in an sBIT chunk when given.
 
     Returns:
         The path written.
@@ -213,7 +218,10 @@ def make_png(path: Path, pixels: np.ndarray | None = None, bit_depth: int = 16) 
     pixels = sample_pixels() if pixels is None else pixels
     array = pixels.astype(np.uint16 if bit_depth == 16 else np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, format="PNG")
+    chunks = PngInfo()
+    if significant_bits is not None:
+        chunks.add(b"sBIT", bytes([significant_bits]))
+    Image.fromarray(array).save(path, format="PNG", pnginfo=chunks)
     return path
 
 

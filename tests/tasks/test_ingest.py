@@ -22,8 +22,10 @@ import pandas as pd
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.data import get_testdata_file
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 import tasks.ingest as ingest_module
@@ -42,6 +44,7 @@ from tests.exports import (
     default_images,
     default_patients,
     make_dicom,
+    make_png,
     png_bytes,
     sample_pixels,
     write_csv,
@@ -232,6 +235,32 @@ def test_truncated_dicom_is_quarantined(project_dir: Path) -> None:
     assert rejection["source"] == "images/IMG0002.dcm"
     assert "Pixel Data holds" in rejection["detail"]
     assert result.summary.accepted == 4
+
+
+@pytest.mark.parametrize(("significant_bits", "bits_stored"), [
+    (None, 16), (12, 12), (0, 16), (17, 16),  # no sBIT chunk, a valid one, two out of range
+])
+def test_png_bits_stored_is_what_its_sbit_chunk_declares(
+    tmp_path: Path, significant_bits: int | None, bits_stored: int,
+) -> None:
+    path = make_png(tmp_path / "image.png", sample_pixels(), significant_bits=significant_bits)
+
+    image, _ = ingest_module.inspect_image(path, path.name, 32)
+
+    assert image.pixels["bits_stored"] == bits_stored
+    assert (image.pixels["rescale_slope"], image.pixels["rescale_intercept"]) == (1.0, 0.0)
+
+
+def test_dicom_without_rescale_is_read_with_the_identity(tmp_path: Path) -> None:
+    """pydicom-data's computed radiographs, like many CR images, carry no rescale."""
+    path = Path(str(get_testdata_file("RG3_UNCR.dcm")))
+    assert "RescaleSlope" not in pydicom.dcmread(path, stop_before_pixels=True)
+
+    image, model_input = ingest_module.inspect_image(path, path.name, 32)
+
+    assert image.reason == "" and model_input is not None
+    assert (image.pixels["rescale_slope"], image.pixels["rescale_intercept"]) == (1.0, 0.0)
+    assert (image.pixels["window_center"], image.pixels["window_width"]) == (550.0, 1024.0)
 
 
 def test_corrupt_png_is_quarantined(project_dir: Path) -> None:
@@ -470,6 +499,28 @@ def test_damaged_dicom_headers_end_in_a_reason_never_an_exception(tmp_path: Path
         assert image.reason in IMAGE_REASONS or (not image.reason and image.pixels), attempt
         outcomes.add(image.reason or "usable")
     assert {"unreadable_dicom", "usable"} <= outcomes
+
+
+def test_dicom_with_a_modality_lut_sequence_is_quarantined(project_dir: Path) -> None:
+    """Its LUT, not a rescale, gives the modality values; ingest does not apply LUTs."""
+    export = make_export(project_dir)
+    path = export.images_dir / "IMG0005.dcm"
+    make_dicom(path, "HOSP-000103")
+    dataset = pydicom.dcmread(path)
+    lut = Dataset()
+    lut.add_new("LUTDescriptor", "US", [4, 0, 16])
+    lut.ModalityLUTType = "OD"
+    lut.add_new("LUTData", "OW", np.array([0, 10, 20, 30], dtype="<u2").tobytes())
+    dataset.ModalityLUTSequence = [lut]
+    del dataset.RescaleSlope, dataset.RescaleIntercept
+    dataset.save_as(path)
+
+    result = run_ingest(project_dir)
+
+    rejection = single(result.rejected("unsupported_image"))
+    assert rejection["source"] == "images/IMG0005.dcm"
+    assert "Modality LUT Sequence" in rejection["detail"]
+    assert result.summary.accepted == 4
 
 
 def test_dicom_without_pixel_data_is_quarantined(project_dir: Path) -> None:

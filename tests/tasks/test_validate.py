@@ -7,18 +7,23 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 from osteo.config import load_params
 from osteo.layout import Layout
 from osteo.radiograph import PixelEncoding, image_statistics
+from osteo.seaweed import EmbeddedS3
 from osteo.shards import ShardWriter
 from osteo.summary import StageSummary
+from tasks.ingest import ingest
+from tasks.pseudonymise import pseudonymise
 from tasks.validate import (
     SUITES_DIR,
     ValidateError,
@@ -27,6 +32,7 @@ from tasks.validate import (
     robust_z_scores,
     validate,
 )
+from tests.exports import default_images, make_png, sample_pixels, write_export
 
 GOOD = 20
 Image = Callable[[np.random.Generator], np.ndarray]
@@ -393,3 +399,35 @@ def test_too_few_records_reject_no_outlier() -> None:
     frame = pd.DataFrame({"x": [1.0, 2.0, 3.0, 1000.0]})
     outliers, spreads = find_outliers(frame, ["x"], 6.0)
     assert outliers == {} and not spreads[0].used
+
+
+@pytest.mark.s3
+def test_pngs_and_dicoms_without_rescale_pass_validation(
+    s3_env: EmbeddedS3, project_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No rescale means the identity (a PNG has none, many CR headers leave it out, as
+    pydicom-data's radiographs do), and a PNG's sBIT chunk says how many bits its values use."""
+    monkeypatch.setenv("OSTEO_VAULT_KEY_FILE", str(tmp_path / "keys" / "vault.key"))
+    images = [replace(spec, photometric="MONOCHROME2",
+                      pixels=sample_pixels((128, 104), seed=spec.seed))
+              for spec in default_images()]
+    export = write_export(project_dir / "export", images=images)
+    path = export.images_dir / "IMG0005.dcm"
+    dataset = pydicom.dcmread(path)
+    del dataset.RescaleSlope, dataset.RescaleIntercept
+    dataset.save_as(path)
+    make_png(export.images_dir / "IMG0004.png", images[3].pixels, significant_bits=10)
+    params = load_params(project_dir)
+    params["export"]["path"] = "export"
+    layout = Layout(project_dir)
+    ingest.fn(layout, params)
+    pseudonymise.fn(layout, params)
+
+    summary = validate.fn(layout, params)
+
+    quarantine = pd.read_csv(layout.quarantine("validate"))
+    assert summary.quarantined == {}, list(zip(quarantine["reason"], quarantine["detail"],
+                                               strict=True))
+    records = pd.read_parquet(layout.validated_records)
+    assert len(records) == 5 and set(records["bits_stored"]) == {10}
+    assert (records["rescale_slope"] == 1.0).all() and (records["rescale_intercept"] == 0).all()
