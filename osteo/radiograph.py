@@ -364,7 +364,8 @@ def image_statistics(pixels: np.ndarray, encoding: PixelEncoding) -> dict[str, f
     Returns:
         One value per name of ``STAT_COLUMNS``. ``pixel_*`` values are in rescaled (modality)
         units; ``*_norm``, ``dynamic_range`` and ``texture`` are fractions of the stored range
-        in the MONOCHROME2 convention; ``frac_*`` are shares of pixels at the image's extremes.
+        in the MONOCHROME2 convention; ``frac_*`` are shares of pixels at the image's
+        extremes, inside the exposed field (``_exposed_field``).
     """
 
     # 1. Extremes over every pixel: a single hot pixel decides the bits used.
@@ -377,8 +378,9 @@ def image_statistics(pixels: np.ndarray, encoding: PixelEncoding) -> dict[str, f
     ordered = np.partition(flat, (k01, k99))
     p01, p99 = float(ordered[k01]), float(ordered[k99])
     mean, std = float(flat.mean(dtype=np.float64)), float(flat.std(dtype=np.float64))
-    at_min = np.count_nonzero(flat == low) / flat.size
-    at_max = np.count_nonzero(flat == high) / flat.size
+    field = _exposed_field(sample, low, high).ravel()
+    at_min = np.count_nonzero(field == low) / field.size
+    at_max = np.count_nonzero(field == high) / field.size
 
     # 3. Rescaled values, then display-normalised values (MONOCHROME1 inverted).
     height, width = pixels.shape
@@ -392,6 +394,23 @@ def image_statistics(pixels: np.ndarray, encoding: PixelEncoding) -> dict[str, f
     stats |= _normalised(encoding, p01, p99, mean, std, at_min, at_max)
     stats["texture"] = _texture(sample) / encoding.full_scale
     return stats
+
+
+def _exposed_field(sample: np.ndarray, low: int, high: int) -> np.ndarray:
+    """The subsample without its border bands: the leading and trailing rows and columns that
+    lie wholly at the image's minimum or maximum.
+
+    Collimators and electronic shutters blank the image outside the exposed field; on an
+    extremity radiograph that is often a third of the image or more (pydicom-data's tibia:
+    41 %). The saturation shares are measured inside, where a clipped detector shows. A
+    constant image has no field and is returned whole.
+    """
+    lowest, highest = sample == low, sample == high
+    rows = np.flatnonzero(~(lowest.all(axis=1) | highest.all(axis=1)))
+    columns = np.flatnonzero(~(lowest.all(axis=0) | highest.all(axis=0)))
+    if not rows.size or not columns.size:
+        return sample
+    return sample[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
 
 
 def _texture(sample: np.ndarray) -> float:

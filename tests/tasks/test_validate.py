@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from osteo.config import load_params
 from osteo.layout import Layout
@@ -23,6 +24,7 @@ from osteo.seaweed import EmbeddedS3
 from osteo.shards import ShardWriter
 from osteo.summary import StageSummary
 from tasks.ingest import ingest
+from tasks.preprocess import preprocess
 from tasks.pseudonymise import pseudonymise
 from tasks.validate import (
     SUITES_DIR,
@@ -32,7 +34,15 @@ from tasks.validate import (
     robust_z_scores,
     validate,
 )
-from tests.exports import default_images, make_png, sample_pixels, write_export
+from tests.exports import (
+    Annotation,
+    default_images,
+    default_patients,
+    make_png,
+    sample_pixels,
+    write_export,
+)
+from tests.radiographs import read_test_radiograph
 
 GOOD = 20
 Image = Callable[[np.random.Generator], np.ndarray]
@@ -53,7 +63,14 @@ def blank(rng: np.random.Generator) -> np.ndarray:
 
 def saturated(rng: np.random.Generator) -> np.ndarray:
     pixels = radiograph(rng)
-    pixels[:26, :] = 4095            # 40 % of the image at the brightest value
+    pixels[10:50, 8:72] = 4095       # half of the image at the brightest value, inside the field
+    return pixels
+
+
+def shuttered(rng: np.random.Generator) -> np.ndarray:
+    """A radiograph whose side bands (45 % of it) a shutter blanked to the darkest value."""
+    pixels = radiograph(rng)
+    pixels[:, :18] = pixels[:, 62:] = 0
     return pixels
 
 
@@ -387,6 +404,25 @@ def test_image_statistics_use_every_pixel_for_the_extremes() -> None:
     assert stats["std_norm"] < 0.002   # blank apart from one pixel
 
 
+def test_saturation_shares_leave_out_shuttered_borders_but_not_clipping_inside() -> None:
+    encoding = PixelEncoding(bits_stored=12)
+    rng = np.random.default_rng(3)
+
+    border = image_statistics(shuttered(rng), encoding)
+    inside = image_statistics(saturated(rng), encoding)
+
+    assert border["stored_min"] == 0 and border["frac_dark"] < 0.01
+    assert inside["frac_bright"] > 0.25
+
+
+def test_a_real_shuttered_radiograph_is_not_saturated() -> None:
+    """pydicom-data's tibia (MONOCHROME1): 41 % of it is a shutter band at 0, displayed white."""
+    dataset = read_test_radiograph("RG3_UNCR.dcm")
+    stats = image_statistics(dataset.pixel_array, PixelEncoding(bits_stored=10,
+                                                                monochrome1=True))
+    assert stats["frac_bright"] < 0.25 and stats["frac_dark"] < 0.5
+
+
 def test_robust_z_scores_use_median_and_mad() -> None:
     z, median, mad = robust_z_scores(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))
     assert median == 3.0 and mad == 1.0
@@ -431,3 +467,28 @@ def test_pngs_and_dicoms_without_rescale_pass_validation(
     records = pd.read_parquet(layout.validated_records)
     assert len(records) == 5 and set(records["bits_stored"]) == {10}
     assert (records["rescale_slope"] == 1.0).all() and (records["rescale_intercept"] == 0).all()
+
+
+@pytest.mark.s3
+def test_real_radiographs_pass_every_data_stage_before_the_split(
+    s3_env: EmbeddedS3, project_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pydicom-data's computed radiographs, uncompressed and in JPEG 2000: no rescale, 10 and
+    15 bits stored, MONOCHROME1, a shuttered tibia. What a clinic's export holds."""
+    monkeypatch.setenv("OSTEO_VAULT_KEY_FILE", str(tmp_path / "keys" / "vault.key"))
+    names = ["RG1_UNCR.dcm", "RG3_UNCR.dcm", "RG1_J2KI.dcm", "RG3_J2KI.dcm"]
+    patients = default_patients()
+    annotations = [Annotation(name, patients[n % len(patients)].patient_ref)
+                   for n, name in enumerate(names)]
+    export = write_export(project_dir / "export", patients, [], annotations)
+    for name in names:
+        shutil.copy(str(get_testdata_file(name)), export.images_dir / name)
+    params = load_params(project_dir)
+    params["export"]["path"] = "export"
+    layout = Layout(project_dir)
+
+    summaries = [stage.fn(layout, params) for stage in (ingest, pseudonymise, validate,
+                                                        preprocess)]
+
+    assert [(s.stage, s.accepted, s.quarantined) for s in summaries] == [
+        (s.stage, 4, {}) for s in summaries]
