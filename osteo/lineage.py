@@ -49,7 +49,7 @@ from osteo import dvc
 from osteo.audit import file_sha256
 from osteo.config import bucket
 from osteo.layout import Layout
-from osteo.storage import list_objects, s3_client
+from osteo.storage import error_code, list_objects, put_conditionally, s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ DATA_STAGES = ("ingest", "pseudonymise", "validate", "preprocess", "split")
 DATA_VERSION_PATH = "data/split"
 PSEUDONYM_TABLES = ("data/pseudonymised/records.parquet",)
 VERSIONS_FOLDER = "lineage/versions/"
-_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 
 
 class LineageError(Exception):
@@ -394,28 +393,23 @@ def save_version(version: DatasetVersion, location: RemoteLocation, client: Any)
         client.put_object(Bucket=location.bucket, Key=key, Body=version.to_json(),
                           ContentType="application/json")
     except (ClientError, BotoCoreError) as error:
-        raise LineageError(f"cannot write lineage entry {key}: {_code(error)}") from None
+        raise LineageError(f"cannot write lineage entry {key}: {error_code(error)}") from None
     return key
 
 
 def _create(client: Any, bucket_name: str, key: str, body: bytes) -> bool:
     try:
-        client.put_object(Bucket=bucket_name, Key=key, Body=body, IfNoneMatch="*",
-                          ContentType="application/json")
-    except ClientError as error:
-        if _code(error) in _CONFLICT_CODES:
-            return False
-        raise LineageError(f"cannot write lineage entry {key}: {_code(error)}") from None
-    except BotoCoreError as error:
-        raise LineageError(f"cannot write lineage entry {key}: {_code(error)}") from None
-    return True
+        return put_conditionally(client, bucket_name, key, body, IfNoneMatch="*",
+                                 ContentType="application/json")
+    except (ClientError, BotoCoreError) as error:
+        raise LineageError(f"cannot write lineage entry {key}: {error_code(error)}") from None
 
 
 def _read(client: Any, bucket_name: str, key: str) -> bytes:
     try:
         body: bytes = client.get_object(Bucket=bucket_name, Key=key)["Body"].read()
     except (ClientError, BotoCoreError) as error:
-        raise LineageError(f"cannot read lineage entry {key}: {_code(error)}") from None
+        raise LineageError(f"cannot read lineage entry {key}: {error_code(error)}") from None
     return body
 
 
@@ -424,11 +418,9 @@ def _list_keys(client: Any, bucket_name: str, prefix: str) -> list[str]:
     try:
         keys.extend(item["Key"] for item in list_objects(client, bucket_name, prefix))
     except (ClientError, BotoCoreError) as error:
-        raise LineageError(f"cannot list s3://{bucket_name}/{prefix}: {_code(error)}") from None
+        raise LineageError(
+            f"cannot list s3://{bucket_name}/{prefix}: {error_code(error)}"
+        ) from None
     return keys
 
 
-def _code(error: Exception) -> str:
-    if isinstance(error, ClientError):
-        return str(error.response.get("Error", {}).get("Code", "error"))
-    return type(error).__name__

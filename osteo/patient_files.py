@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from osteo.audit import AuditLog
 from osteo.config import ConfigError, bucket
 from osteo.minimise import check_fields
-from osteo.storage import list_objects
+from osteo.storage import error_code, list_objects
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,9 @@ class PatientFileStore:
                                     Metadata={CREATED_METADATA: month},
                                     ContentType="application/octet-stream")
         except (ClientError, BotoCoreError) as error:
-            raise PatientFileError(f"cannot write patient file {key}: {_code(error)}") from None
+            raise PatientFileError(
+                f"cannot write patient file {key}: {error_code(error)}"
+            ) from None
 
         # 3. Trace it.
         self._trace("patient_file.write", [key])
@@ -228,7 +230,7 @@ class PatientFileStore:
         try:
             body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except (ClientError, BotoCoreError) as error:
-            raise PatientFileError(f"cannot read patient file {key}: {_code(error)}") from None
+            raise PatientFileError(f"cannot read patient file {key}: {error_code(error)}") from None
         record = self._decrypt(key, body)
         self._trace("patient_file.read", [key])
         return record
@@ -277,7 +279,9 @@ def list_files(client: Any, bucket_name: str, prefix: str = FILES_PREFIX) -> lis
     try:
         keys.extend(item["Key"] for item in list_objects(client, bucket_name, prefix))
     except (ClientError, BotoCoreError) as error:
-        raise PatientFileError(f"cannot list s3://{bucket_name}/{prefix}: {_code(error)}") from None
+        raise PatientFileError(
+            f"cannot list s3://{bucket_name}/{prefix}: {error_code(error)}"
+        ) from None
     return sorted(keys, key=lambda k: (created_month(k), k))
 
 
@@ -355,7 +359,9 @@ def delete_files(
         try:
             client.delete_object(Bucket=bucket_name, Key=key)
         except (ClientError, BotoCoreError) as error:
-            raise PatientFileError(f"cannot delete patient file {key}: {_code(error)}") from None
+            raise PatientFileError(
+                f"cannot delete patient file {key}: {error_code(error)}"
+            ) from None
         if audit is not None:
             audit.append(actor, role, "patient_file.delete", [f"{bucket_name}/{key}"])
         deleted += 1
@@ -370,7 +376,3 @@ def _iso_date(value: object) -> str:
     raise TypeError(f"a patient file cannot hold a {type(value).__name__} value")
 
 
-def _code(error: Exception) -> str:
-    if isinstance(error, ClientError):
-        return str(error.response.get("Error", {}).get("Code", "error"))
-    return type(error).__name__

@@ -15,6 +15,7 @@ from typing import Any
 import boto3
 import s3fs
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from osteo.config import StorageSettings, storage_settings
 
@@ -87,3 +88,34 @@ def list_objects(client: Any, bucket_name: str, prefix: str = "") -> list[dict[s
     """
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket_name, Prefix=prefix)
     return [item for page in pages for item in page.get("Contents", [])]
+
+
+# What S3 servers answer when a conditional write loses to another writer (AWS, MinIO and
+# SeaweedFS differ in the code).
+CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+
+
+def error_code(error: Exception) -> str:
+    """The S3 error code of a botocore error, or its type name; for messages naming no data."""
+    if isinstance(error, ClientError):
+        return str(error.response.get("Error", {}).get("Code", "error"))
+    return type(error).__name__
+
+
+def put_conditionally(client: Any, bucket_name: str, key: str, body: bytes,
+                      **arguments: Any) -> bool:
+    """``put_object`` with a precondition (``IfNoneMatch="*"`` or ``IfMatch=etag``).
+
+    Returns:
+        False when the precondition failed: another writer was first.
+
+    Raises:
+        botocore.exceptions.ClientError, BotoCoreError: on any other failure.
+    """
+    try:
+        client.put_object(Bucket=bucket_name, Key=key, Body=body, **arguments)
+    except ClientError as error:
+        if error_code(error) in CONFLICT_CODES:
+            return False
+        raise
+    return True

@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from osteo.config import ConfigError, bucket
 from osteo.minimise import check_fields
-from osteo.storage import s3_client
+from osteo.storage import error_code, list_objects, put_conditionally, s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,6 @@ _WRITE_ATTEMPTS = 5  # reads and conditional writes of one segment before giving
 _SEGMENT_TAG = b"OSVS1\n"
 _DIGEST_BYTES = 32
 R = TypeVar("R")
-_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 
 
 class VaultError(RuntimeError):
@@ -424,11 +423,11 @@ class IdentityVault:
             response = self._client.get_object(Bucket=self.bucket, Key=key)
             body = response["Body"].read()
         except ClientError as error:
-            if _code(error) in {"NoSuchKey", "404"}:
+            if error_code(error) in {"NoSuchKey", "404"}:
                 return _Segment({}, None)
-            raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
+            raise VaultError(f"cannot read vault object {key}: {error_code(error)}") from None
         except BotoCoreError as error:
-            raise VaultError(f"cannot read vault object {key}: {_code(error)}") from None
+            raise VaultError(f"cannot read vault object {key}: {error_code(error)}") from None
         try:
             entries = unpack_segment(body)
         except ValueError:
@@ -439,25 +438,18 @@ class IdentityVault:
         """Write a segment unless someone wrote it since it was read; False when someone did."""
         condition = {"IfMatch": segment.etag} if segment.etag else {"IfNoneMatch": "*"}
         try:
-            self._client.put_object(Bucket=self.bucket, Key=key,
-                                    Body=pack_segment(segment.entries), **condition)
-        except ClientError as error:
-            if _code(error) in _CONFLICT_CODES:
-                return False
-            raise VaultError(f"cannot write vault object {key}: {_code(error)}") from None
-        except BotoCoreError as error:
-            raise VaultError(f"cannot write vault object {key}: {_code(error)}") from None
-        return True
+            return put_conditionally(self._client, self.bucket, key,
+                                     pack_segment(segment.entries), **condition)
+        except (ClientError, BotoCoreError) as error:
+            raise VaultError(f"cannot write vault object {key}: {error_code(error)}") from None
 
     def _segment_keys(self) -> list[str]:
         try:
-            pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=SEGMENT_PREFIX
-            )
-            return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+            objects = list_objects(self._client, self.bucket, SEGMENT_PREFIX)
+            return sorted(item["Key"] for item in objects)
         except (ClientError, BotoCoreError) as error:
             raise VaultError(
-                f"cannot list the identity vault {self.bucket}: {_code(error)}"
+                f"cannot list the identity vault {self.bucket}: {error_code(error)}"
             ) from None
 
     # ------------------------------------------------------------------ encryption
@@ -595,7 +587,3 @@ def _image_key(entry: dict[str, str]) -> str:
     return key
 
 
-def _code(error: Exception) -> str:
-    if isinstance(error, ClientError):
-        return str(error.response.get("Error", {}).get("Code", "error"))
-    return type(error).__name__
