@@ -13,7 +13,9 @@ mean, spread, percentiles, saturation shares and texture from a strided subsampl
 512 x 416 image and a few for a 2500 x 2000 one. ``*_norm`` statistics are fractions of the
 stored range ``2**bits_stored - 1`` in the MONOCHROME2 convention (bright = bone), so
 MONOCHROME1 images compare with the others. The validate stage judges them against the
-``images`` expectation suite (control 4.9).
+``images`` expectation suite (control 4.9). Pixels whose stored value the header declares as
+padding (Pixel Padding Value, with Pixel Padding Range Limit) are not image: they are left out
+of every statistic but the shape, and an image made only of padding is blank.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Decoded:
 
     pixels: np.ndarray
     attributes: dict[str, Any] = field(default_factory=dict)
+    padding: np.ndarray | None = None  # True where a pixel is padding, not image (DICOM only)
 
 
 # ---------------------------------------------------------------- decoding
@@ -99,6 +102,7 @@ class DicomHeader:
     burned_in_annotation: str
     sop_class: str
     modality_lut: bool  # a Modality LUT Sequence, which replaces the rescale
+    padding: tuple[int, int] | None = None  # stored values that are padding, both ends included
 
 
 def read_dicom(data: bytes) -> tuple[pydicom.Dataset, DicomHeader]:
@@ -142,6 +146,7 @@ def read_dicom(data: bytes) -> tuple[pydicom.Dataset, DicomHeader]:
         burned_in_annotation=str(header_value(dataset, "BurnedInAnnotation") or ""),
         sop_class=str(header_value(dataset, "SOPClassUID") or ""),
         modality_lut="ModalityLUTSequence" in dataset,
+        padding=_padding_values(dataset),
     )
     return dataset, header
 
@@ -186,6 +191,20 @@ def _display_value(dataset: pydicom.Dataset, keyword: str, default: float | None
     return _first_float(value)
 
 
+def _padding_values(dataset: pydicom.Dataset) -> tuple[int, int] | None:
+    """The stored values that pad the image rather than show anything, or None.
+
+    PS3.3 C.7.5.1.1.2: Pixel Padding Value alone names one value; with Pixel Padding Range
+    Limit, every value between the two (both included) is padding: the area outside a round or
+    tilted field, for instance, which holds no image.
+    """
+    value = _integer(dataset, "PixelPaddingValue")
+    if value is None:
+        return None
+    limit = _integer(dataset, "PixelPaddingRangeLimit")
+    return (value, value) if limit is None else (min(value, limit), max(value, limit))
+
+
 def _malformed(keyword: str) -> DecodeError:
     tag = Tag(keyword)
     return DecodeError("unreadable_dicom", f"DICOM attribute {keyword} {tag} has a value that "
@@ -200,11 +219,13 @@ def decode_dicom(dataset: pydicom.Dataset, header: DicomHeader) -> Decoded:
         header: its header values (``read_dicom``).
 
     Returns:
-        Stored values as uint16 and modality, photometric, bits_stored, rescale and window
-        attributes, rows and columns.
+        Stored values as uint16; modality, photometric, bits_stored, rescale and window
+        attributes, rows and columns; and where the header declares padding values, the mask of
+        the pixels that hold one.
 
     Raises:
-        DecodeError: when the values are signed and negative, or not a single 2-D frame.
+        DecodeError: when the values are signed and negative, or not a single 2-D frame;
+            ``image_blank`` when every pixel is padding.
         Exception: whatever pydicom's pixel decoders raise on data they cannot decode.
     """
     pixels = _stored_values(dataset, header)
@@ -219,7 +240,25 @@ def decode_dicom(dataset: pydicom.Dataset, header: DicomHeader) -> Decoded:
         "bits_stored": header.bits_stored or header.bits_allocated,
         "rows": int(pixels.shape[0]), "columns": int(pixels.shape[1]), **header.display,
     }
-    return Decoded(pixels.astype(np.uint16, copy=False), attributes)
+    pixels = pixels.astype(np.uint16, copy=False)
+    return Decoded(pixels, attributes, _padding_mask(pixels, header.padding))
+
+
+def _padding_mask(pixels: np.ndarray, padding: tuple[int, int] | None) -> np.ndarray | None:
+    """Where the pixels hold a padding value; None when none does.
+
+    Raises:
+        DecodeError: ``image_blank`` when every pixel is padding.
+    """
+    if padding is None:
+        return None
+    low, high = padding
+    mask = (pixels == low) if low == high else ((pixels >= low) & (pixels <= high))
+    if not mask.any():
+        return None
+    if mask.all():
+        raise DecodeError("image_blank", "every pixel holds the Pixel Padding Value: no image")
+    return mask
 
 
 def _stored_values(dataset: pydicom.Dataset, header: DicomHeader) -> np.ndarray:
@@ -354,12 +393,16 @@ def _subsample(pixels: np.ndarray) -> np.ndarray:
     return pixels[::step, ::step]
 
 
-def image_statistics(pixels: np.ndarray, encoding: PixelEncoding) -> dict[str, float]:
+def image_statistics(
+    pixels: np.ndarray, encoding: PixelEncoding, padding: np.ndarray | None = None,
+) -> dict[str, float]:
     """Compute the statistics of one radiograph, cheaply.
 
     Args:
         pixels: 2-D array of raw stored values (unsigned integers, not empty).
         encoding: bits stored, rescale slope and intercept, photometric interpretation.
+        padding: True where a pixel is padding (``Decoded.padding``), not all of them; such
+            pixels are left out of every figure but the shape.
 
     Returns:
         One value per name of ``STAT_COLUMNS``. ``pixel_*`` values are in rescaled (modality)
@@ -368,17 +411,23 @@ def image_statistics(pixels: np.ndarray, encoding: PixelEncoding) -> dict[str, f
         extremes, inside the exposed field (``_exposed_field``).
     """
 
-    # 1. Extremes over every pixel: a single hot pixel decides the bits used.
-    low, high = int(pixels.min()), int(pixels.max())
+    # 1. Extremes over every image pixel: a single hot pixel decides the bits used.
+    image = pixels if padding is None else pixels[~padding]
+    low, high = int(image.min()), int(image.max())
 
     # 2. Moments, percentiles and saturation on the strided subsample.
     sample = _subsample(pixels)
-    flat = sample.ravel()
+    outside = None if padding is None else _subsample(padding)
+    flat = sample.ravel() if outside is None else sample[~outside]
+    if not flat.size:  # the grid met padding only: the image pixels stand in
+        flat = image.ravel()
     k01, k99 = int(0.01 * (flat.size - 1)), int(0.99 * (flat.size - 1))
     ordered = np.partition(flat, (k01, k99))
     p01, p99 = float(ordered[k01]), float(ordered[k99])
     mean, std = float(flat.mean(dtype=np.float64)), float(flat.std(dtype=np.float64))
-    field = _exposed_field(sample, low, high).ravel()
+    field = _exposed_field(sample, low, high, outside)
+    if not field.size:
+        field = flat
     at_min = np.count_nonzero(field == low) / field.size
     at_max = np.count_nonzero(field == high) / field.size
 
@@ -392,32 +441,51 @@ def image_statistics(pixels: np.ndarray, encoding: PixelEncoding) -> dict[str, f
     }
     stats |= _rescaled(encoding, low, high, p01, p99, mean, std)
     stats |= _normalised(encoding, p01, p99, mean, std, at_min, at_max)
-    stats["texture"] = _texture(sample) / encoding.full_scale
+    stats["texture"] = _texture(sample, outside) / encoding.full_scale
     return stats
 
 
-def _exposed_field(sample: np.ndarray, low: int, high: int) -> np.ndarray:
-    """The subsample without its border bands: the leading and trailing rows and columns that
-    lie wholly at the image's minimum or maximum.
+def _exposed_field(
+    sample: np.ndarray, low: int, high: int, outside: np.ndarray | None = None,
+) -> np.ndarray:
+    """The image pixels of the subsample without its border bands: the leading and trailing rows
+    and columns that lie wholly at the image's minimum or maximum, or in padding.
 
     Collimators and electronic shutters blank the image outside the exposed field; on an
     extremity radiograph that is often a third of the image or more (pydicom-data's tibia:
     41 %). The saturation shares are measured inside, where a clipped detector shows. A
     constant image has no field and is returned whole.
+
+    Args:
+        sample: the subsample.
+        low: the image's minimum.
+        high: its maximum.
+        outside: True where the subsample is padding, or None.
+
+    Returns:
+        The field's values, without padding, flattened when there is padding.
     """
     lowest, highest = sample == low, sample == high
+    if outside is not None:
+        lowest, highest = lowest | outside, highest | outside
     rows = np.flatnonzero(~(lowest.all(axis=1) | highest.all(axis=1)))
     columns = np.flatnonzero(~(lowest.all(axis=0) | highest.all(axis=0)))
-    if not rows.size or not columns.size:
-        return sample
-    return sample[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+    if rows.size and columns.size:
+        band = np.s_[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+        sample = sample[band]
+        outside = None if outside is None else outside[band]
+    return sample if outside is None else sample[~outside]
 
 
-def _texture(sample: np.ndarray) -> float:
-    """Mean absolute difference between horizontal neighbours of the subsample."""
+def _texture(sample: np.ndarray, outside: np.ndarray | None = None) -> float:
+    """Mean absolute difference between horizontal neighbours of the subsample, both not
+    padding."""
     if sample.shape[1] < 2:
         return 0.0
-    return float(np.abs(np.diff(sample.astype(np.int32), axis=1)).mean())
+    steps = np.abs(np.diff(sample.astype(np.int32), axis=1))
+    if outside is not None:
+        steps = steps[~(outside[:, 1:] | outside[:, :-1])]
+    return float(steps.mean()) if steps.size else 0.0
 
 
 def _rescaled(

@@ -343,7 +343,7 @@ def inspect_image(path: Path, name: str, size: int) -> tuple[ImageFile, np.ndarr
         return replace(image, reason="undecodable_pixels", detail=_describe(error, path)), None
     fields = _pixel_fields(decoded) | dict.fromkeys(INPUT_COLUMNS)
     try:
-        model_input = to_model_input(decoded.pixels, decoded.attributes, size)
+        model_input = to_model_input(decoded.pixels, decoded.attributes, size, decoded.padding)
     except ImageRejected as rejection:
         fields |= {"input_reason": rejection.reason, "input_detail": rejection.detail}
         return replace(image, pixels=fields), None
@@ -376,7 +376,7 @@ def inspect_images(
 def _pixel_fields(decoded: Decoded) -> dict[str, Any]:
     """Display attributes and statistics of a decoded image, as record fields."""
     encoding = PixelEncoding.of(decoded.attributes)
-    return decoded.attributes | image_statistics(decoded.pixels, encoding)
+    return decoded.attributes | image_statistics(decoded.pixels, encoding, decoded.padding)
 
 
 def _describe(error: Exception, path: Path) -> str:

@@ -30,10 +30,11 @@ Per image, in this order (``to_model_input``):
 
 1. modality rescale: stored value x slope + intercept (DICOM Modality LUT, linear case);
 2. VOI window: the record's window center and width with the LINEAR function of DICOM PS3.3
-   C.11.2.1.2, or, when the record has no window, the 0.5-99.5 % percentile range of the image;
+   C.11.2.1.2, or, when the record has no window, the 0.5-99.5 % percentile range of the image
+   (without the pixels the header declares as padding, Pixel Padding Value);
 3. MONOCHROME1 images are inverted so that bone is bright, as in MONOCHROME2;
 4. the values are in [0, 1]; steps 1-4 are one affine map and one clip, a single pass over the
-   full-resolution image;
+   full-resolution image; padding pixels are then set to black;
 5. antialiased bilinear resize: the longer side becomes ``size`` and the aspect ratio is kept,
    then the shorter side is padded with black (0, no attenuation) to a centred square, so that
    anatomy is never stretched. Padding after the resize costs far less than padding the
@@ -169,7 +170,10 @@ def _pad_square(image: np.ndarray, size: int) -> np.ndarray:
     return square
 
 
-def to_model_input(pixels: np.ndarray, record: Mapping[str, Any], size: int = 224) -> np.ndarray:
+def to_model_input(
+    pixels: np.ndarray, record: Mapping[str, Any], size: int = 224,
+    padding: np.ndarray | None = None,
+) -> np.ndarray:
     """Turn one radiograph's stored pixel values into the model's input image.
 
     Args:
@@ -177,6 +181,8 @@ def to_model_input(pixels: np.ndarray, record: Mapping[str, Any], size: int = 22
         record: the image's row: ``photometric``, ``rescale_slope``, ``rescale_intercept``,
             ``window_center``, ``window_width`` (window fields may be missing or NaN).
         size: side of the square output, in pixels.
+        padding: True where a pixel is padding (``osteo.radiograph.Decoded.padding``): left
+            out of the percentile window and shown black, as the square's own padding is.
 
     Returns:
         A ``size`` x ``size`` float16 array in [0, 1], bone bright.
@@ -189,11 +195,14 @@ def to_model_input(pixels: np.ndarray, record: Mapping[str, Any], size: int = 22
     if pixels.ndim != 2:
         raise ImageRejected("unexpected_shape", f"pixel array has {pixels.ndim} dimensions, not 2")
     slope, intercept = _rescale(record)
-    window = _record_window(record) or _percentile_window(pixels, slope, intercept)
+    window = _record_window(record) or _percentile_window(
+        pixels if padding is None else pixels[~padding], slope, intercept)
     inverted = _inverted(record)
 
-    # 2. Window, invert and clip at full resolution, then resize.
+    # 2. Window, invert and clip at full resolution, black out the padding, then resize.
     display = _apply_window(pixels, slope, intercept, window, inverted)
+    if padding is not None:
+        display[padding] = 0
     image = _resize_fit(display, size)
 
     # 3. Refuse a picture the window left uniform: it carries nothing to learn from.
@@ -255,7 +264,8 @@ def _percentile_window(pixels: np.ndarray, slope: float, intercept: float) -> Wi
     samples each 0.5 % tail still holds hundreds of pixels.
     """
     step = max(1, math.isqrt(pixels.size // PERCENTILE_SAMPLE_PIXELS))  # keeps >= 2**18 samples
-    sample = pixels[::step, ::step]
+    # The image pixels of a padded radiograph come flattened: every step**2-th one is kept.
+    sample = pixels[::step, ::step] if pixels.ndim == 2 else pixels[::step * step]
     if sample.dtype.kind == "u":
         # A histogram of integer values gives exact percentiles at a fraction of a sort's cost.
         cumulative = np.cumsum(np.bincount(sample.ravel()))

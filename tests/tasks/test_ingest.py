@@ -50,6 +50,7 @@ from tests.exports import (
     write_csv,
     write_export,
 )
+from tests.radiographs import read_test_radiograph
 
 
 @dataclass
@@ -399,6 +400,66 @@ def compressed_copy(source: Path, target: Path, transfer_syntax: str) -> Path:
     writer.SetImage(change.GetOutput())
     assert writer.Write()
     return target
+
+
+def padded_tibia(path: Path, declared: bool) -> tuple[Path, np.ndarray]:
+    """pydicom-data's tibia CR on a round field: the corners hold 4095, a value its 10-bit
+    pixels never reach, declared as Pixel Padding Value or not. Read as MONOCHROME2 without a
+    window, so that undeclared padding would show white and stretch the percentile window.
+
+    Returns:
+        The file, and the mask of its padding pixels.
+    """
+    dataset = read_test_radiograph("RG3_UNCR.dcm")
+    pixels = dataset.pixel_array.copy()
+    rows, columns = np.indices(pixels.shape)
+    centre = (np.array(pixels.shape) - 1) / 2
+    padding = (rows - centre[0]) ** 2 + (columns - centre[1]) ** 2 > (0.45 * pixels.shape[0]) ** 2
+    pixels[padding] = 4095
+    dataset.PixelData = pixels.tobytes()
+    dataset.BitsStored, dataset.HighBit = 12, 11
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    del dataset.WindowCenter, dataset.WindowWidth
+    if declared:
+        dataset.add_new("PixelPaddingValue", "US", 4095)
+    dataset.save_as(path)
+    return path, padding
+
+
+def test_declared_pixel_padding_is_left_out_of_the_statistics_and_shown_black(
+    tmp_path: Path,
+) -> None:
+    path, padding = padded_tibia(tmp_path / "declared.dcm", declared=True)
+    undeclared, _ = padded_tibia(tmp_path / "undeclared.dcm", declared=False)
+    image_pixels = pydicom.dcmread(path).pixel_array[~padding]
+
+    image, model_input = ingest_module.inspect_image(path, path.name, 64)
+    plain, plain_input = ingest_module.inspect_image(undeclared, undeclared.name, 64)
+
+    assert image.reason == plain.reason == "" and model_input is not None
+    assert plain_input is not None
+    assert image.pixels["stored_max"] == image_pixels.max() and image.pixels["bits_used"] == 10
+    assert plain.pixels["stored_max"] == 4095 and plain.pixels["bits_used"] == 12
+    assert image.pixels["pixel_mean"] == pytest.approx(image_pixels.mean(), rel=0.05)
+    corners = model_input[:6, :6], model_input[-6:, -6:], plain_input[:6, :6]
+    assert corners[0].max() == corners[1].max() == 0 and corners[2].min() > 0.99
+    # The percentile window of the image pixels alone spreads the tissue over more of [0, 1].
+    field = ~np.pad(padding[::27, ::27], 1)[:64, :64]
+    assert model_input[field].astype(np.float32).std() > plain_input[field].astype(
+        np.float32).std()
+
+
+def test_dicom_made_only_of_padding_is_quarantined_as_blank(tmp_path: Path) -> None:
+    path = make_dicom(tmp_path / "blank.dcm", "HOSP-000103",
+                      pixels=np.full((64, 52), 0, dtype=np.uint16))
+    dataset = pydicom.dcmread(path)
+    dataset.add_new("PixelPaddingValue", "US", 0)
+    dataset.save_as(path)
+
+    image, model_input = ingest_module.inspect_image(path, path.name, 32)
+
+    assert image.reason == "image_blank" and model_input is None
+    assert "Pixel Padding Value" in image.detail
 
 
 @pytest.mark.parametrize(("transfer_syntax", "uid"), [

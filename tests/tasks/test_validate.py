@@ -415,6 +415,24 @@ def test_saturation_shares_leave_out_shuttered_borders_but_not_clipping_inside()
     assert inside["frac_bright"] > 0.25
 
 
+def test_declared_padding_is_left_out_of_saturation_and_texture() -> None:
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(800, 3000, size=(400, 400), dtype=np.uint16)
+    rows, columns = np.indices(pixels.shape)
+    padding = np.hypot(rows - 199.5, columns - 199.5) > 180  # outside a round field
+    pixels[padding] = 4095
+    encoding = PixelEncoding(bits_stored=12)
+
+    declared = image_statistics(pixels, encoding, padding)
+    undeclared = image_statistics(pixels, encoding)
+    field_only = image_statistics(pixels[100:300, 100:300], encoding)
+
+    assert undeclared["frac_bright"] > 0.1 and undeclared["stored_max"] == 4095
+    assert declared["frac_bright"] < 0.01 and declared["stored_max"] < 3000
+    assert declared["texture"] == pytest.approx(field_only["texture"], rel=0.05)
+    assert undeclared["texture"] < 0.9 * declared["texture"]  # flat padding dilutes it
+
+
 def test_a_real_shuttered_radiograph_is_not_saturated() -> None:
     """pydicom-data's tibia (MONOCHROME1): 41 % of it is a shutter band at 0, displayed white."""
     dataset = read_test_radiograph("RG3_UNCR.dcm")
