@@ -72,11 +72,9 @@ def per_image_work_alone(images: list[Path], size: int) -> float:
     The workers run ``inspect_images`` as in the ingest stage; their results are dropped.
     """
     from osteo.parallel import SharedArrays, ordered_map
-    from tasks.ingest import BATCH_IMAGES, IN_FLIGHT, inspect_images, worker_pool
+    from tasks.ingest import BATCH_IMAGES, IN_FLIGHT, batch_plan, inspect_images, worker_pool
 
-    batches = [images[start:start + BATCH_IMAGES] for start in range(0, len(images), BATCH_IMAGES)]
-    names = [[path.name for path in batch] for batch in batches]
-    regions = [number % IN_FLIGHT for number in range(len(batches))]
+    batches, names, regions = batch_plan(images, [path.name for path in images])
     started = time.perf_counter()
     with (SharedArrays(IN_FLIGHT, BATCH_IMAGES, (size, size), "float16") as inputs,
           worker_pool(inputs.spec) as pool):

@@ -923,14 +923,11 @@ def ingest_images(
     """
     files: list[ImageFile] = []
     first_of: dict[str, str] = {}
-    starts = range(0, len(paths), BATCH_IMAGES)
-    batch_paths = [paths[i:i + BATCH_IMAGES] for i in starts]
-    batch_names = [names[i:i + BATCH_IMAGES] for i in starts]
-    regions = [batch % IN_FLIGHT for batch in range(len(starts))]
+    batch_paths, batch_names, regions = batch_plan(paths, names)
     with (_shared_inputs(size) as inputs,
           ShardWriter(pixel_dir, shard_size) as writer, worker_pool(inputs.spec) as pool):
         batches = ordered_map(pool, inspect_images, batch_paths, batch_names,
-                              [size] * len(starts), regions, ahead=IN_FLIGHT)
+                              [size] * len(regions), regions, ahead=IN_FLIGHT)
         inspected = ((region, slot, image, has_input)
                      for region, batch in zip(regions, _reported_crashes(batches, batch_names),
                                              strict=True)
@@ -945,6 +942,17 @@ def ingest_images(
                            "pixel_member": member}
             files.append(image)
     return files
+
+
+def batch_plan(
+    paths: list[Path], names: list[str],
+) -> tuple[list[list[Path]], list[list[str]], list[int]]:
+    """The workers' units of work: files and names in batches of ``BATCH_IMAGES``, and the
+    shared-array region of each batch (``IN_FLIGHT`` batches are in flight at a time)."""
+    starts = range(0, len(paths), BATCH_IMAGES)
+    return ([paths[i:i + BATCH_IMAGES] for i in starts],
+            [names[i:i + BATCH_IMAGES] for i in starts],
+            [batch % IN_FLIGHT for batch in range(len(starts))])
 
 
 def _shared_inputs(size: int) -> SharedArrays:
